@@ -587,10 +587,10 @@ def fit(model, loss_fn, loader, args, run, groups=None, betas=(0.9, 0.999), on_e
     net = torch.compile(net) if args.compile else net
     n = len(loader)
     if n == 0:
-        die(f"no training batch: {len(loader.dataset)} examples for a batch of {args.batch_size}")
+        die(f"no training batch: fewer examples than one batch of {args.batch_size}")
     for epoch in range(history["epoch"], args.epochs):
         torch.manual_seed(args.seed + 1000 * epoch + run.rank)  # a resumed epoch replays exactly
-        if isinstance(loader.sampler, DistributedSampler):
+        if isinstance(getattr(loader, "sampler", None), DistributedSampler):
             loader.sampler.set_epoch(epoch)
         net.train()
         t0, seen = time.time(), 0
@@ -702,17 +702,19 @@ def extract_features(fn, loader, run):
     return torch.cat(xs), torch.cat(ys)
 
 
-def linear_probe(Xtr, ytr, Xva, yva, epochs=100, lr=1e-3, batch=256, seed=0):
+def linear_probe(Xtr, ytr, Xva, yva, steps=1000, lr=1e-2, batch=1024, seed=0):
     """MAE's linear probe: BatchNorm without affine (here: standardise with the training statistics)
-    then a linear classifier, trained with AdamW on frozen features. Returns held-out accuracy."""
+    then a linear classifier, trained with Adam (cosine lr) on frozen features. Returns held-out accuracy."""
     g = torch.Generator().manual_seed(seed)
     mu, sd = Xtr.mean(0), Xtr.std(0) + 1e-6
     Xtr, Xva = (Xtr - mu) / sd, (Xva - mu) / sd
     head = torch.nn.Linear(Xtr.shape[1], int(max(ytr.max(), yva.max())) + 1)
-    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(Xtr), generator=g).split(batch):
-            opt.zero_grad(); F.cross_entropy(head(Xtr[idx]), ytr[idx]).backward(); opt.step()
+    opt = torch.optim.Adam(head.parameters(), lr=lr)
+    for step in range(steps):
+        idx = torch.randint(0, len(Xtr), (min(batch, len(Xtr)),), generator=g)
+        for group in opt.param_groups:
+            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+        opt.zero_grad(); F.cross_entropy(head(Xtr[idx]), ytr[idx]).backward(); opt.step()
     with torch.no_grad():
         return (head(Xva).argmax(1) == yva).float().mean().item()
 
