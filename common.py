@@ -19,14 +19,11 @@ from tqdm import tqdm
 
 # ------------------------------------------------------------------ command line and run set-up
 
-
 class DataError(Exception):
     """A bad input file; the datasets skip it and count, or `die` with its message."""
 
-
 def die(msg):
     raise SystemExit(f"error: {msg}")
-
 
 def make_parser(script, doc, **defaults):
     """The flags every script shares (DESIGN.md); `defaults` overrides any default."""
@@ -55,7 +52,6 @@ def make_parser(script, doc, **defaults):
     p.set_defaults(script=script, **defaults)
     return p
 
-
 def init_run(args):
     """Device, precision, seeds, and DistributedDataParallel when started by torchrun."""
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
@@ -78,17 +74,14 @@ def init_run(args):
     return SimpleNamespace(device=device, rank=rank, world_size=world, local_rank=local,
                            distributed=world > 1, is_main=rank == 0, amp_dtype=amp)
 
-
 def autocast(run):
     if run.amp_dtype is None:
         return nullcontext()
     return torch.autocast(run.device.type, dtype=run.amp_dtype)
 
-
 def log(run, *msg):
     if run.is_main:
         print(*msg, flush=True)
-
 
 # ------------------------------------------------------------------ the synthetic "shapes" world
 
@@ -96,7 +89,6 @@ CLASSES = ("circle", "square", "triangle", "diamond", "cross", "ring")
 COLORS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 240), "yellow": (240, 220, 40),
           "magenta": (220, 50, 220), "cyan": (40, 220, 230), "orange": (250, 140, 20), "white": (245, 245, 245)}
 DIRECTIONS = ("right", "left", "down", "up")
-
 
 def _shape_mask(kind, cx, cy, r, yy, xx):
     """Boolean mask of one shape of radius r centred at (cx, cy) on the pixel grid (yy, xx)."""
@@ -109,7 +101,6 @@ def _shape_mask(kind, cx, cy, r, yy, xx):
     if kind == "cross":    return (np.minimum(abs(dx), abs(dy)) <= r / 3) & (np.maximum(abs(dx), abs(dy)) <= r)
     return (d <= r) & (d >= 0.55 * r)  # ring
 
-
 def _background(rng, s):
     """A muted colour with stripes at a random angle and frequency, plus pixel noise: (s, s, 3) in [0, 1]."""
     yy, xx = np.mgrid[0:s, 0:s] / s
@@ -118,12 +109,10 @@ def _background(rng, s):
     base, tint = rng.uniform(0.15, 0.45, 3), rng.uniform(-0.12, 0.12, 3)
     return np.clip(base + stripes[..., None] * tint + rng.normal(0, 0.03, (s, s, 3)), 0, 1)
 
-
 def _where(cx, cy, s):
     v = "top" if cy < s / 3 else "bottom" if cy > 2 * s / 3 else ""
     h = "left" if cx < s / 3 else "right" if cx > 2 * s / 3 else ""
     return f"the {v} {h}".replace("  ", " ").strip() if (v or h) else "the center"
-
 
 def _paint(canvas, kind, colour, cx, cy, r, ss):
     """Draws a shape, anti-aliased by 2x supersampling; returns its pixel box (x0, y0, x1, y1)."""
@@ -134,7 +123,6 @@ def _paint(canvas, kind, colour, cx, cy, r, ss):
     canvas[:] = canvas * (1 - cover) + cover * np.array(colour) / 255
     ys, xs = np.nonzero(m)
     return [xs.min() / ss, ys.min() / ss, (xs.max() + 1) / ss, (ys.max() + 1) / ss]
-
 
 def shapes_images(n, size=32, seed=0):
     """n images: one main shape (its kind is the label) and 0-2 smaller distractors, with the box of
@@ -162,7 +150,6 @@ def shapes_images(n, size=32, seed=0):
     return dict(images=torch.stack(images), labels=torch.tensor(labels), boxes=boxes,
                 box_labels=box_labels, captions=captions)
 
-
 def shapes_videos(n, frames=8, size=32, seed=0):
     """n clips of a shape moving at constant speed over a still textured background with a still
     distractor; the label is the direction of motion, which no single frame shows."""
@@ -187,12 +174,10 @@ def shapes_videos(n, frames=8, size=32, seed=0):
         videos.append(torch.stack(clip)); labels.append(label)
     return dict(videos=torch.stack(videos), labels=torch.tensor(labels))
 
-
 # ------------------------------------------------------------------ reading files
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 VIDEO_EXTS = (".mp4", ".avi", ".mkv", ".webm", ".mov")
-
 
 def read_image(path):
     """An image file as uint8 (3, H, W) RGB; grey, RGBA and palette images are converted."""
@@ -202,7 +187,6 @@ def read_image(path):
             return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
     except Exception as e:
         raise DataError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
-
 
 def read_video(path, short_side=None):
     """All frames of a video as uint8 (T, 3, H, W), decoded with PyAV (optionally resized so that
@@ -224,7 +208,6 @@ def read_video(path, short_side=None):
         raise DataError(f"{path}: the video has no frames")
     return torch.stack(frames).permute(0, 3, 1, 2)  # (T, H, W, 3) -> (T, 3, H, W)
 
-
 def _readable(path, video):
     try:
         if video:
@@ -236,7 +219,6 @@ def _readable(path, video):
         return True
     except Exception:
         return False
-
 
 def _scan(root, exts, classes=None):
     """Files under root (recursively) with a label from their first folder, or -1 for a flat folder."""
@@ -258,7 +240,6 @@ def _scan(root, exts, classes=None):
     index = {c: i for i, c in enumerate(classes)}
     return [(p, index.get(p.relative_to(root).parts[0], -1) if classes else -1) for p in good], classes
 
-
 def scan_folder(root, exts):
     """(train_items, val_items, classes): DIR/train + DIR/val when present, else every 5th file of
     each class (a fixed held-out part) for evaluation."""
@@ -272,7 +253,6 @@ def scan_folder(root, exts):
     if len(held) == len(items):  # too few files to hold any out: evaluate on what we train on
         return items, items, classes
     return [it for it in items if id(it) not in held], [it for it in items if id(it) in held], classes
-
 
 def load_coco(root):
     """COCO detection: (records, categories) from DIR/annotations.json beside the images."""
@@ -306,7 +286,6 @@ def load_coco(root):
         die(f"{ann}: none of its images were found in {root}")
     return records, [c["name"] for c in cats]
 
-
 def load_captions(root):
     """[(image path, caption)] for every image with a non-empty same-stem .txt beside it."""
     items, no_txt, empty = [], 0, 0
@@ -322,19 +301,15 @@ def load_captions(root):
         die(f"{root}: no image has a non-empty caption file (NAME.txt beside NAME.jpg)")
     return items
 
-
 # ------------------------------------------------------------------ tensor transforms
 
 MEAN, STD = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
 
-
 def normalize(x):
     return (x.float() / 255 - MEAN[:, None, None]) / STD[:, None, None]
 
-
 def denormalize(x):
     return (x.float().cpu() * STD[:, None, None] + MEAN[:, None, None]).clamp(0, 1)
-
 
 def resize(x, size):
     """(C, H, W) or (T, C, H, W) to an exact (h, w), bilinear with antialiasing; keeps the dtype."""
@@ -344,7 +319,6 @@ def resize(x, size):
     y = F.interpolate(x.float().reshape(-1, *x.shape[-3:]), size=size, mode="bilinear", antialias=True, align_corners=False)
     y = y.reshape(*x.shape[:-2], *size)
     return y.round().clamp(0, 255).to(x.dtype) if x.dtype == torch.uint8 else y
-
 
 def random_resized_crop(x, size, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
     """A random area fraction in `scale` and aspect ratio in `ratio`, resized to size x size (the
@@ -359,7 +333,6 @@ def random_resized_crop(x, size, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
             return resize(x[..., i:i + h, j:j + w], size)
     return resize_center_crop(x, size)
 
-
 def resize_center_crop(x, size):
     H, W = x.shape[-2:]
     k = size / min(H, W)
@@ -367,13 +340,10 @@ def resize_center_crop(x, size):
     i, j = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
     return x[..., i:i + size, j:j + size]
 
-
 def hflip(x):
     return x.flip(-1)
 
-
 # ------------------------------------------------------------------ datasets and loaders
-
 
 class FileOrTensorDataset(Dataset):
     """Items from memory (a uint8 tensor) or from files, with unreadable files skipped and counted."""
@@ -398,7 +368,6 @@ class FileOrTensorDataset(Dataset):
                     die(f"no readable file left ({e})")
                 i = (i + 1) % len(self.source)
 
-
 class ImageDataset(FileOrTensorDataset):
     """(image (3, S, S) normalized, label), or (image, caption, label) when captions are given."""
 
@@ -416,7 +385,6 @@ class ImageDataset(FileOrTensorDataset):
             img = hflip(img)
         label = torch.tensor(int(self.labels[i]))
         return (normalize(img), self.captions[i], label) if self.captions else (normalize(img), label)
-
 
 def image_data(args, n_train=2000, n_val=500, aug=None, captions=False):
     """(train_ds, val_ds, classes): the synthetic shapes (flip augmentation only, since the label is
@@ -440,7 +408,6 @@ def image_data(args, n_train=2000, n_val=500, aug=None, captions=False):
     train, val, classes = scan_folder(args.data, IMAGE_EXTS)
     make = lambda its, t: ImageDataset([p for p, _ in its], [l for _, l in its], args.input_size, t, aug or "crop")
     return make(train, True), make(val or train, False), classes
-
 
 class VideoDataset(FileOrTensorDataset):
     """(clip (T, 3, S, S) normalized, label); with repeat_aug R > 1 in training, R clips of one
@@ -471,7 +438,6 @@ class VideoDataset(FileOrTensorDataset):
             return clips[0], label
         return torch.stack(clips), label.repeat(self.repeat)
 
-
 def video_data(args, num_frames, sampling_rate=1, repeat_aug=1, n_train=800, n_val=200):
     """(train_ds, val_ds, classes): moving shapes (label: direction) or --data DIR/<class>/*.mp4."""
     if args.data is None:
@@ -484,7 +450,6 @@ def video_data(args, num_frames, sampling_rate=1, repeat_aug=1, n_train=800, n_v
     make = lambda its, t: VideoDataset([p for p, _ in its], [l for _, l in its], num_frames, sampling_rate,
                                        args.input_size, t, repeat_aug)
     return make(train, True), make(val or train, False), classes
-
 
 class DetectionDataset(FileOrTensorDataset):
     """(image (3, S, S) normalized, target) with the boxes scaled to S x S and flipped with the image."""
@@ -501,7 +466,6 @@ class DetectionDataset(FileOrTensorDataset):
             img, boxes = hflip(img), torch.stack([S - boxes[:, 2], boxes[:, 1], S - boxes[:, 0], boxes[:, 3]], 1)
         return normalize(img), dict(boxes=boxes, labels=rec["labels"], image_id=rec["image_id"], orig_size=torch.tensor([H, W]))
 
-
 def detection_data(args, n_train=2000, n_val=300):
     """(train_ds, val_ds, classes): shapes with a box on every shape, or a COCO folder (resized to S x S)."""
     if args.data is None:
@@ -517,15 +481,12 @@ def detection_data(args, n_train=2000, n_val=300):
     return (DetectionDataset([r["file"] for r in train], train, args.input_size, True),
             DetectionDataset([r["file"] for r in val], val, args.input_size, False), classes)
 
-
 def collate_detection(batch):
     return torch.stack([img for img, _ in batch]), [t for _, t in batch]
-
 
 def caption_data(args, n_train=2000, n_val=500):
     """(train_ds, val_ds, classes) of (image, caption, label): synthetic captions or NAME.jpg + NAME.txt."""
     return image_data(args, n_train, n_val, captions=True)
-
 
 def make_loader(ds, args, run, train, collate_fn=None, batch_size=None):
     bs = batch_size or args.batch_size
@@ -534,7 +495,6 @@ def make_loader(ds, args, run, train, collate_fn=None, batch_size=None):
     return DataLoader(ds, bs, shuffle=train and sampler is None, sampler=sampler, drop_last=drop,
                       num_workers=args.num_workers or 0, collate_fn=collate_fn,
                       pin_memory=run.device.type == "cuda", persistent_workers=bool(args.num_workers))
-
 
 def to_device(x, device):
     if isinstance(x, torch.Tensor):
@@ -545,9 +505,7 @@ def to_device(x, device):
         return type(x)(to_device(v, device) for v in x)
     return x
 
-
 # ------------------------------------------------------------------ optimisation and the training loop
-
 
 def param_groups(model, weight_decay, lr_scale=None, skip=()):
     """AdamW groups: no weight decay for 1-D parameters, biases and names in `skip`; lr_scale(name)
@@ -562,14 +520,12 @@ def param_groups(model, weight_decay, lr_scale=None, skip=()):
         g["params"].append(p)
     return list(groups.values())
 
-
 def lr_at(args, epoch):
     """Linear warmup for warmup_epochs, then half-cosine from lr down to min_lr (epoch is fractional)."""
     if epoch < args.warmup_epochs:
         return args.lr * epoch / args.warmup_epochs
     progress = (epoch - args.warmup_epochs) / max(args.epochs - args.warmup_epochs, 1e-8)
     return args.min_lr + (args.lr - args.min_lr) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
 
 def fit(model, loss_fn, loader, args, run, groups=None, betas=(0.9, 0.999), on_epoch=None, find_unused=False):
     """The loop every script shares; loss_fn(wrapped_model, batch_on_device) -> scalar loss.
@@ -628,7 +584,6 @@ def fit(model, loss_fn, loader, args, run, groups=None, betas=(0.9, 0.999), on_e
             on_epoch(epoch)
     return model, history
 
-
 def smoke(model, loss_fn, batch, run, steps=30, lr=1e-3):
     """A few AdamW steps on one tiny batch: passes when every loss is finite and the last ones fall
     below the first. Raises SystemExit(1) otherwise."""
@@ -646,9 +601,7 @@ def smoke(model, loss_fn, batch, run, steps=30, lr=1e-3):
     if not ok:
         raise SystemExit(1)
 
-
 # ------------------------------------------------------------------ checkpoints
-
 
 def save_checkpoint(path, state):
     """Atomic: write a temporary file beside the target, then rename it over the target."""
@@ -656,7 +609,6 @@ def save_checkpoint(path, state):
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
-
 
 def load_checkpoint(path):
     if not Path(path).expanduser().is_file():
@@ -666,13 +618,11 @@ def load_checkpoint(path):
     except Exception as e:
         die(f"{path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
 
-
 def unwrap_state(ckpt):
     for key in ("model", "model_state", "state_dict"):
         if isinstance(ckpt, dict) and isinstance(ckpt.get(key), dict):
             return ckpt[key]
     return ckpt
-
 
 def load_state(model, state_dict, source, allow_missing=()):
     """Strict load; every missing, unexpected or wrongly shaped key is named in one line."""
@@ -687,9 +637,7 @@ def load_state(model, state_dict, source, allow_missing=()):
             f"{what} {show(ks)}" for what, ks in (("missing", missing), ("unexpected", extra), ("wrong shape", shape)) if ks))
     model.load_state_dict(state_dict, strict=False)
 
-
 # ------------------------------------------------------------------ evaluation, pictures, benchmarks
-
 
 @torch.no_grad()
 def extract_features(fn, loader, run):
@@ -700,7 +648,6 @@ def extract_features(fn, loader, run):
             xs.append(fn(batch[0].to(run.device)).float().cpu())
         ys.append(batch[-1])
     return torch.cat(xs), torch.cat(ys)
-
 
 def linear_probe(Xtr, ytr, Xva, yva, steps=1000, lr=1e-2, batch=1024, seed=0):
     """MAE's linear probe: BatchNorm without affine (here: standardise with the training statistics)
@@ -718,7 +665,6 @@ def linear_probe(Xtr, ytr, Xva, yva, steps=1000, lr=1e-2, batch=1024, seed=0):
     with torch.no_grad():
         return (head(Xva).argmax(1) == yva).float().mean().item()
 
-
 def knn_accuracy(Xtr, ytr, Xva, yva, k=20, T=0.07):
     """Weighted k-nearest-neighbour vote on cosine similarity (weights exp(sim / T))."""
     Xtr, Xva, C = F.normalize(Xtr, dim=1), F.normalize(Xva, dim=1), int(max(ytr.max(), yva.max())) + 1
@@ -728,7 +674,6 @@ def knn_accuracy(Xtr, ytr, Xva, yva, k=20, T=0.07):
         votes = torch.zeros(len(xv), C).scatter_add_(1, ytr[idx], (sim / T).exp())
         correct += (votes.argmax(1) == yv).sum().item()
     return correct / len(yva)
-
 
 def save_grid(path, rows, texts=None, scale=None):
     """One row of cells per tensor (N, 3, H, W) in [0, 1]; optional text under each cell."""
@@ -749,7 +694,6 @@ def save_grid(path, rows, texts=None, scale=None):
     grid.save(path)
     return path
 
-
 def write_metrics(args, run, history, **figures):
     losses = history.get("losses", [])
     m = dict(script=args.script, model=args.model, device=str(run.device), epochs=history.get("epoch", args.epochs),
@@ -760,7 +704,6 @@ def write_metrics(args, run, history, **figures):
         log(run, "metrics: " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                           for k, v in m.items() if not isinstance(v, (list, dict))))
     return m
-
 
 def count_flops(fn):
     """FLOPs (2 per multiply-add) of calling fn(), counted by torch.utils.flop_counter."""
@@ -773,7 +716,6 @@ def count_flops(fn):
     with fc.FlopCounterMode(display=False, custom_mapping=cpu_sdpa) as counter:
         fn()
     return counter.get_total_flops()
-
 
 def benchmark(fn, run, warmup=3, reps=10):
     """Median wall time of fn() in seconds, after warm-up, with CUDA synchronized."""
