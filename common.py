@@ -132,12 +132,16 @@ def shapes_images(n, size=32, seed=0):
     names = list(COLORS)
     for _ in range(n):
         canvas, objs = _background(rng, s), []
-        for j in range(rng.integers(0, 3)):  # distractors first, so the main shape is drawn on top
-            objs.append((rng.integers(len(CLASSES)), rng.uniform(0.08, 0.13) * s))
-        objs.append((rng.integers(len(CLASSES)), rng.uniform(0.18, 0.32) * s))
+        r = rng.uniform(0.18, 0.32) * s
+        objs.append((rng.integers(len(CLASSES)), r, *rng.uniform(r, s - r, 2)))  # the main shape
+        for j in range(rng.integers(0, 3)):  # 0-2 smaller distractors that overlap no other shape
+            r = rng.uniform(0.08, 0.13) * s
+            for _ in range(20):
+                cx, cy = rng.uniform(r, s - r, 2)
+                if all(math.hypot(cx - x, cy - y) > r + q + 1 for _, q, x, y in objs):
+                    objs.insert(0, (rng.integers(len(CLASSES)), r, cx, cy)); break
         bx, words = [], []
-        for k, r in objs:
-            cx, cy = rng.uniform(r, s - r, 2)
+        for k, r, cx, cy in objs:  # the main shape last
             colour = names[rng.integers(len(names))]
             bx.append(_paint(canvas, CLASSES[k], COLORS[colour], cx, cy, r, 2))
             words.append(f"a {'large' if r > 0.25 * s else 'medium' if r > 0.15 * s else 'small'} "
@@ -145,7 +149,7 @@ def shapes_images(n, size=32, seed=0):
         images.append(torch.from_numpy((canvas * 255).round().astype(np.uint8)).permute(2, 0, 1))
         labels.append(int(objs[-1][0]))
         boxes.append(torch.tensor(bx, dtype=torch.float32))
-        box_labels.append(torch.tensor([int(k) for k, _ in objs]))
+        box_labels.append(torch.tensor([int(o[0]) for o in objs]))
         captions.append(" and ".join([words[-1]] + words[:-1][::-1]))
     return dict(images=torch.stack(images), labels=torch.tensor(labels), boxes=boxes,
                 box_labels=box_labels, captions=captions)
@@ -391,7 +395,8 @@ def image_data(args, n_train=2000, n_val=500, aug=None, captions=False):
     the shape's kind) or --data DIR (random resized crop + flip, as MAE)."""
     if args.data is None:
         tr, va = shapes_images(n_train, args.input_size, seed=1), shapes_images(n_val, args.input_size, seed=2)
-        make = lambda d, train: ImageDataset(d["images"], d["labels"], args.input_size, train, aug or "flip",
+        flip = "none" if captions else "flip"  # a flip would make "left" / "right" in a caption false
+        make = lambda d, train: ImageDataset(d["images"], d["labels"], args.input_size, train, aug or flip,
                                              d["captions"] if captions else None)
         return make(tr, True), make(va, False), list(CLASSES)
     if captions:
