@@ -1,0 +1,625 @@
+"""Token Merging: Your ViT But Faster.
+
+Daniel Bolya, Cheng-Yang Fu, Xiaoliang Dai, Peizhao Zhang, Christoph Feichtenhofer, Judy Hoffman.
+ICLR 2023, arXiv 2210.09461. Official code: github.com/facebookresearch/ToMe.
+
+The idea. A ViT spends most of its time on tokens that say the same thing (sky, background).
+ToMe makes it faster, with or without retraining, by *merging* r similar tokens in every block,
+between the attention and the MLP. Tokens are split alternately into two sets A and B; every A
+token is joined by an edge to its most similar B token (cosine similarity of the attention keys,
+averaged over heads); the r strongest edges are merged (bipartite soft matching). A merged token
+is the size-weighted mean of what it absorbed, and the network carries each token's size s (how
+many patches it stands for), so attention can count a token of size s as s copies of it:
+softmax(QK^T / sqrt(d) + log s) ("proportional attention"). After L blocks about r*L tokens are
+gone; the matching itself is cheap, so throughput rises nearly with the FLOP reduction (ViT-B
+r=16 roughly doubles it) at a small accuracy cost, and r = 0 is exactly the plain ViT.
+
+What this file reproduces in miniature: a tiny ViT is trained on the built-in synthetic shapes
+(optionally with ToMe on during training, `--r`), then evaluated off-the-shelf for several r:
+accuracy and images/s per r (metrics.json key `tome`), and a picture of the merge groups at the
+last layer (each group painted with its mean colour and outlined, like the paper's Figure 4):
+the background collapses into a few big tokens while the shape keeps its own. `--bench`
+measures the paper's claim at full size: ViT-B/16 with r=16 (and ViT-L/16 with r=8 on a GPU or
+with --model large), throughput with and without ToMe plus the FLOP ratio, counted and from
+the formula (which gives the paper's GFLOPs: DeiT-S 4.6 -> 3.4 / 2.7 / 2.3 at r = 8 / 13 / 16).
+
+    python tome.py                      # train tiny ViT on synthetic shapes, sweep r, picture
+    python tome.py --r 4                # the same, trained with ToMe on (r = 4 per block)
+    python tome.py --smoke              # seconds; exits non-zero if the loss does not fall
+    python tome.py --bench              # ViT-B r=16 / ViT-L r=8 speedup and FLOP ratio
+    python tome.py --model base --weights mae_finetuned_vit_base.pth --data /imagenet --no_prop_attn
+                                        # off-the-shelf sweep of r on released weights (eval only)
+    torchrun --nproc_per_node=2 tome.py --data DIR --tome_r 4   # train with ToMe, DDP (torchrun
+                                        # takes a bare `--r` for its own --rdzv options: use --tome_r)
+
+Parameter names are timm's (cls_token, pos_embed, patch_embed.proj, blocks.N.{norm1, attn.qkv,
+attn.proj, norm2, mlp.fc1, mlp.fc2}, norm | fc_norm, head), so DeiT / AugReg style `.pth` files
+(class token + `norm`) and MAE's fine-tuned `mae_finetuned_vit_*.pth` (global pool + `fc_norm`,
+no `norm`) load with every key matched; the pooling is read from the file (fc_norm present ->
+global pool) and so is the number of classes.
+
+Departures from the official code, and why:
+- ToMe is written into the Block / Attention / VisionTransformer below instead of patching timm
+  classes at run time, and the per-forward state (r list, sizes, sources) is passed between
+  blocks as arguments instead of a shared `_tome_info` dict: one readable file, same numbers.
+- Attention goes through F.scaled_dot_product_attention with log(size) as an additive float
+  mask (the official code uses an explicit softmax); the result is the same up to rounding.
+- No distillation token (DeiT-distilled checkpoints with `dist_token` do not load), no
+  `unmerge`, no k-th / random bipartite variants: they are not needed by the ViT classifier.
+- `r` on the command line is an int with an optional `--inflect` (the official (r, inflect)
+  schedule); an explicit per-layer list is accepted by the model and by create_model(r=[...]).
+- The tiny preset (32x32 images, 4x4 patches = 64 tokens, 6 blocks of width 96) stands in
+  for ViT-S/B/L so that training takes about a minute on 2 CPU cores; the paper's sizes are
+  the presets small / base / large with their exact numbers. Training is plain supervised
+  cross-entropy with label smoothing (no mixup / cutmix / RandAugment of the DeiT / MAE
+  fine-tuning recipes), from scratch, with the MAE fine-tuning head (size-weighted global pool
+  + fc_norm; `--cls_token` for the DeiT head) and pos_embed started from MAE's 2-D sin-cos
+  table instead of DeiT's random init, to help a small ViT learn from only 2000 images.
+- Position embeddings are not interpolated: a checkpoint must match --input_size.
+- AugReg (timm) weights expect mean = std = 0.5 input normalisation; common.py normalises with
+  the ImageNet mean / std (right for DeiT and MAE), so AugReg accuracies come out a bit low.
+"""
+import math
+import statistics
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common as C
+
+
+# ------------------------------------------------------------------------------------------------
+# Ordinary ViT building blocks (timm names)
+# ------------------------------------------------------------------------------------------------
+
+class PatchEmbed(nn.Module):
+    """Cut the image into p x p patches and project each one to D channels (a strided conv)."""
+
+    def __init__(self, img_size, patch_size, in_chans, embed_dim):
+        super().__init__()
+        self.grid = img_size // patch_size
+        self.num_patches = self.grid * self.grid
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):  # x: (B, 3, H, W)
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, D, H/p, W/p) -> (B, L, D)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def drop_path(x, p, training):
+    """Stochastic depth: drop the whole residual branch of a sample with probability p."""
+    if p == 0.0 or not training:
+        return x
+    keep = x.new_empty(x.shape[0], *([1] * (x.dim() - 1))).bernoulli_(1 - p)  # (B, 1, 1)
+    return x * keep / (1 - p)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention that also returns the keys averaged over heads (ToMe's metric)
+    and, given token sizes s, applies proportional attention: softmax(q k^T / sqrt(d) + log s)."""
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, size=None):  # x: (B, N, D), size: (B, N, 1) or None
+        B, N, D = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads)  # (B, N, 3, h, d)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, h, N, d)
+        # Proportional attention: A = softmax(q k^T / sqrt(d) + log s), log s added on the KEY axis.
+        bias = None if size is None else size.log().to(q.dtype).reshape(B, 1, 1, N)  # (B, 1, 1, N)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, h, N, d)
+        x = x.transpose(1, 2).reshape(B, N, D)  # (B, N, h*d)
+        return self.proj(x), k.mean(1)  # (B, N, D), metric (B, N, d)
+
+
+# ------------------------------------------------------------------------------------------------
+# The paper's idea: bipartite soft matching, size-weighted merging, the r schedule
+# ------------------------------------------------------------------------------------------------
+
+def bipartite_soft_matching(metric, r, class_token=True):
+    """Pick the r most similar (A, B) token pairs and return merge(x, mode), which removes r tokens.
+
+    metric: (B, T, C) the keys averaged over heads. A = tokens 0, 2, 4, ...; B = tokens 1, 3, ...
+    Every A token draws one edge to its most similar B token; the r strongest edges are merged.
+    At most half of the unprotected tokens can go: r = min(r, (T - protected) // 2).
+    The class token (A[0]) is never a source and stays first.
+    Output order: the unmerged A tokens (in their original order when there is a class token,
+    else by edge strength), then all B tokens: the order is not preserved, as in the paper.
+    """
+    protected = 1 if class_token else 0
+    T = metric.shape[1]
+    r = min(r, (T - protected) // 2)
+    if r <= 0:
+        return lambda x, mode="sum": x
+
+    with torch.no_grad():  # the matching is a discrete choice: no gradient through it
+        metric = metric / metric.norm(dim=-1, keepdim=True)  # unit vectors -> dot = cosine
+        a, b = metric[:, ::2], metric[:, 1::2]  # (B, Ta, C), (B, Tb, C)
+        scores = a @ b.transpose(-1, -2)  # (B, Ta, Tb) cosine similarity of every A-B pair
+        if class_token:
+            scores[:, 0, :] = -math.inf  # the class token is never merged
+        node_max, node_idx = scores.max(dim=-1)  # (B, Ta): best edge of every A token
+        edge_idx = node_max.argsort(dim=-1, descending=True)[..., None]  # (B, Ta, 1)
+        unm_idx = edge_idx[:, r:]  # (B, Ta - r, 1) A tokens that stay
+        src_idx = edge_idx[:, :r]  # (B, r, 1)      A tokens merged away (the top-r edges)
+        dst_idx = node_idx[..., None].gather(dim=1, index=src_idx)  # (B, r, 1) their B partners
+        if class_token:
+            unm_idx = unm_idx.sort(dim=1).values  # keep original order so cls stays at index 0
+
+    def merge(x, mode="sum"):  # x: (B, T, c) -> (B, T - r, c)
+        src, dst = x[:, ::2], x[:, 1::2]  # (B, Ta, c), (B, Tb, c)
+        n, ta, c = src.shape
+        unm = src.gather(dim=1, index=unm_idx.expand(n, ta - r, c))  # (B, Ta - r, c)
+        src = src.gather(dim=1, index=src_idx.expand(n, r, c))  # (B, r, c)
+        dst = dst.scatter_reduce(1, dst_idx.expand(n, r, c), src, reduce=mode)  # (B, Tb, c)
+        return torch.cat([unm, dst], dim=1)  # (B, T - r, c)
+
+    return merge
+
+
+def merge_wavg(merge, x, size=None):
+    """Size-weighted average merge: x' = merge(s * x) / merge(s), s' = merge(s) (sizes are summed)."""
+    if size is None:
+        size = torch.ones_like(x[..., :1])  # (B, T, 1) every token starts as one patch
+    x = merge(x * size, mode="sum")  # (B, T - r, D)  sum of s_i x_i over each group
+    size = merge(size, mode="sum")  # (B, T - r, 1)  s' = sum of s_i
+    return x / size, size
+
+
+def merge_source(merge, source):
+    """source[b, k, j] = 1 iff input token j now lives in token k; a merge ORs the rows (amax)."""
+    return merge(source, mode="amax")  # (B, T - r, T0)
+
+
+def parse_r(num_layers, r):
+    """The official r schedule: an int (constant), a list (per layer, padded with 0), or a tuple
+    (r, inflect): a line from int(r (1 - inflect)) to 2r - that, int-truncated per layer.
+    (r, -1) is the paper's decreasing schedule: (16, -1) over 12 layers = [32, 29, ..., 2, 0]."""
+    if isinstance(r, list):
+        return [int(v) for v in r] + [0] * (num_layers - len(r))
+    r, inflect = r if isinstance(r, tuple) else (r, 0.0)
+    lo = int(r * (1.0 - inflect))
+    hi = 2 * r - lo
+    step = (hi - lo) / max(num_layers - 1, 1)
+    return [int(lo + step * i) for i in range(num_layers)]
+
+
+# ------------------------------------------------------------------------------------------------
+# The ViT with ToMe inside the block
+# ------------------------------------------------------------------------------------------------
+
+class Block(nn.Module):
+    """Pre-norm transformer block with ToMe between attention and MLP:
+    x = x + Attn(LN1(x)); (x, s) = merge_wavg(x, s) with r tokens removed; x = x + MLP(LN2(x))."""
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, drop_path=0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = drop_path
+
+    def forward(self, x, r=0, size=None, source=None, prop_attn=True, class_token=True):
+        # x: (B, T, D), size: (B, T, 1) or None (all ones), source: (B, T, T0) or None
+        x_attn, metric = self.attn(self.norm1(x), size if prop_attn else None)
+        x = x + drop_path(x_attn, self.drop_path, self.training)
+        if r > 0:
+            merge = bipartite_soft_matching(metric, r, class_token)  # uses this block's keys
+            if source is not None:
+                source = merge_source(merge, source)  # (B, T - r, T0)
+            x, size = merge_wavg(merge, x, size)  # (B, T - r, D), (B, T - r, 1)
+        x = x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
+        return x, size, source
+
+
+def sincos_2d(grid, dim):
+    """MAE's fixed 2-D sin-cos position table (used here as the initial value of pos_embed):
+    half the channels encode the row, half the column, each as [sin(p w_k), cos(p w_k)],
+    w_k = 10000^(-k / (dim / 4))."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4) / (dim // 4))  # (dim/4,)
+    ys, xs = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")  # (g, g) each
+    def encode(p):
+        angles = p.flatten().float()[:, None] * omega[None]  # (L, dim/4)
+        return torch.cat([angles.sin(), angles.cos()], dim=1)  # (L, dim/2)
+    return torch.cat([encode(xs), encode(ys)], dim=1)  # (L, dim)
+
+
+class VisionTransformer(nn.Module):
+    """ViT classifier. global_pool=False: class token + `norm` (DeiT / AugReg);
+    global_pool=True: size-weighted mean of the patch tokens + `fc_norm` (MAE fine-tuned).
+    `r` (int, (r, inflect) or list) is the default merge schedule; forward(x, r=...) overrides it."""
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, embed_dim=768,
+                 depth=12, num_heads=12, mlp_ratio=4.0, global_pool=False, drop_path_rate=0.0,
+                 r=0, prop_attn=True):
+        super().__init__()
+        self.r, self.prop_attn, self.global_pool = r, prop_attn, global_pool
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
+        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # linear rule
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, p) for p in dpr)
+        if global_pool:
+            self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        else:
+            self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.head = nn.Linear(embed_dim, num_classes)
+        self.init_weights()
+
+    def init_weights(self):  # Linear trunc_normal(0.02), LN (1, 0); positions as MAE: 2-D sin-cos
+        with torch.no_grad():
+            self.pos_embed[0, 1:] = sincos_2d(self.patch_embed.grid, self.pos_embed.shape[-1])
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward_tokens(self, images, r=None, trace_source=False):
+        """Run the blocks. Returns tokens (B, T', D), sizes (B, T', 1) or None (nothing merged),
+        and sources (B, T', T0) when trace_source (T0 = 1 + number of patches)."""
+        x = self.patch_embed(images)  # (B, L, D)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1 + L, D)
+        x = x + self.pos_embed
+        size = None
+        source = None
+        if trace_source:
+            B, T0, _ = x.shape
+            source = torch.eye(T0, device=x.device).expand(B, T0, T0)  # (B, T0, T0)
+        schedule = parse_r(len(self.blocks), self.r if r is None else r)  # rebuilt every forward
+        for block, r_layer in zip(self.blocks, schedule):
+            x, size, source = block(x, r_layer, size, source, self.prop_attn)
+        return x, size, source
+
+    def forward_features(self, images, r=None):
+        x, size, _ = self.forward_tokens(images, r)
+        if not self.global_pool:
+            return self.norm(x)[:, 0]  # (B, D) the class token
+        if size is None:
+            x = x[:, 1:].mean(dim=1)  # (B, D) mean of the patch tokens
+        else:  # MAE + ToMe: size-weighted pool, sum_k s_k x_k / T0 (T0 = patches at the input)
+            x = (x * size)[:, 1:].sum(dim=1) / self.patch_embed.num_patches  # (B, D)
+        return self.fc_norm(x)
+
+    def forward(self, images, r=None):  # images: (B, 3, H, W) -> logits (B, classes)
+        return self.head(self.forward_features(images, r))
+
+
+PRESETS = {
+    # CPU-sized default: 32x32 images in 4x4 patches = 64 tokens + cls, MAE-style global pool
+    "tiny": dict(img_size=32, patch_size=4, embed_dim=96, depth=6, num_heads=3, num_classes=6,
+                 global_pool=True),
+    # the paper's models (DeiT / AugReg / MAE ViTs at 224 with 16x16 patches)
+    "small": dict(img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6),
+    "base": dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12),
+    "large": dict(img_size=224, patch_size=16, embed_dim=1024, depth=24, num_heads=16),
+}
+PAPER_R = {"tiny": 8, "small": 13, "base": 16, "large": 8}  # README / paper's r per model
+
+
+def create_model(name="tiny", **overrides):
+    if name not in PRESETS:
+        C.die(f"unknown --model {name!r}; choose one of {', '.join(PRESETS)}")
+    return VisionTransformer(**{**PRESETS[name], **overrides})
+
+
+def token_counts(num_tokens, schedule, protected=1):
+    """Tokens entering each block and leaving the last one, with the per-layer cap of the matching:
+    block l removes min(r_l, (T_l - protected) // 2). ViT-B/16 (197 tokens), r = 16 -> ... 21, 11."""
+    counts = [num_tokens]
+    for r in schedule:
+        counts.append(counts[-1] - max(0, min(r, (counts[-1] - protected) // 2)))
+    return counts
+
+
+def analytic_flops(model, schedule):
+    """FLOPs (2 per multiply-add) of one image through the model, from the token counts:
+    per block qkv + proj 4 N D^2, attention 2 N^2 D, MLP 2 mlp_ratio N' D^2 (N' = after merging)."""
+    D = model.pos_embed.shape[-1]
+    hidden = model.blocks[0].mlp.fc1.out_features
+    L = model.patch_embed.num_patches
+    p = model.patch_embed.proj.kernel_size[0]
+    counts = token_counts(L + 1, schedule)
+    macs = L * D * 3 * p * p + D * model.head.out_features  # patch embedding + head
+    for n_in, n_out in zip(counts[:-1], counts[1:]):
+        macs += 4 * n_in * D * D + 2 * n_in * n_in * D + 2 * n_out * D * hidden
+    return 2 * macs
+
+
+# ------------------------------------------------------------------------------------------------
+# Loss
+# ------------------------------------------------------------------------------------------------
+
+def make_loss(smoothing):
+    def loss_fn(model, batch):  # plain supervised classification (ToMe adds no loss term)
+        images, labels = batch
+        return F.cross_entropy(model(images), labels, label_smoothing=smoothing)
+    return loss_fn
+
+
+# ------------------------------------------------------------------------------------------------
+# Data glue and pictures
+# ------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def merge_picture(model, images, r):
+    """The paper's Figure 4: each group of patches merged into one token at the last layer, painted
+    with the mean colour of its pixels and outlined. images: normalized (N, 3, S, S) -> (N, 3, S', S')."""
+    model.eval()
+    _, _, source = model.forward_tokens(images, r, trace_source=True)  # (N, T', T0)
+    group = source[:, :, 1:].argmax(dim=1).cpu()  # (N, L): the token each patch ended up in
+    N, g = len(images), model.patch_embed.grid
+    k = max(1, 128 // images.shape[-1])  # draw small images larger so that outlines stay thin
+    cell = images.shape[-1] // g * k  # pixels per patch in the picture
+    pix = C.denormalize(images).repeat_interleave(k, 2).repeat_interleave(k, 3)  # (N, 3, S', S')
+    gmap = group.reshape(N, g, g).repeat_interleave(cell, 1).repeat_interleave(cell, 2)  # (N, S', S')
+    T = source.shape[1]
+    onehot = F.one_hot(gmap, T).permute(0, 3, 1, 2).float()  # (N, T', S', S')
+    area = onehot.sum((2, 3))[..., None].clamp(min=1)  # (N, T', 1) pixels per group
+    mean = torch.einsum("ntyx,ncyx->ntc", onehot, pix) / area  # (N, T', 3) mean colour per group
+    painted = torch.einsum("ntyx,ntc->ncyx", onehot, mean)  # (N, 3, S', S')
+    edge = torch.zeros_like(gmap, dtype=torch.bool)  # a pixel whose 4-neighbour is in another group
+    edge[:, 1:] |= gmap[:, 1:] != gmap[:, :-1]
+    edge[:, :-1] |= gmap[:, :-1] != gmap[:, 1:]
+    edge[:, :, 1:] |= gmap[:, :, 1:] != gmap[:, :, :-1]
+    edge[:, :, :-1] |= gmap[:, :, :-1] != gmap[:, :, 1:]
+    colours = torch.rand(T, 3, generator=torch.Generator().manual_seed(0))  # a colour per group
+    outline = colours[gmap].permute(0, 3, 1, 2)  # (N, 3, S', S')
+    return torch.where(edge[:, None], outline, painted), pix, T
+
+
+# ------------------------------------------------------------------------------------------------
+# Train, evaluate, bench, smoke
+# ------------------------------------------------------------------------------------------------
+
+def r_spec(r, inflect):
+    return (r, inflect) if inflect else r
+
+
+@torch.no_grad()
+def evaluate(model, loader, run, r):
+    """Top-1 accuracy with schedule r (summed over ranks under torchrun)."""
+    model.eval()
+    hits, total = 0, 0
+    for images, labels in loader:
+        with C.autocast(run):
+            logits = model(images.to(run.device), r=r)  # (B, classes)
+        hits += (logits.argmax(-1).cpu() == labels).sum().item()
+        total += len(labels)
+    if run.distributed:
+        counts = torch.tensor([hits, total], dtype=torch.float64, device=run.device)
+        torch.distributed.all_reduce(counts)
+        hits, total = counts.tolist()
+    return hits / max(total, 1)
+
+
+def forward_fn(model, images, run, r):
+    """A closure running one inference forward (eval, no grad, autocast as asked) for timing."""
+    model.eval()
+
+    @torch.no_grad()
+    def step():
+        with C.autocast(run):
+            model(images, r=r)
+    return step
+
+
+def throughput(model, images, run, r, warmup=1, reps=3):
+    """Images per second of the forward pass (median of reps after warm-up)."""
+    return len(images) / C.benchmark(forward_fn(model, images, run, r), run, warmup=warmup, reps=reps)
+
+
+# --- small helper (plumbing common.py lacks): torch's FLOP counter sees no FLOPs inside the fused
+# CPU attention kernel (aten._scaled_dot_product_flash_attention_for_cpu), so add them by hand ---
+@torch.no_grad()
+def counted_flops(model, images, r):
+    """FLOPs of one forward as counted by C.count_flops, plus q k^T and A v where SDPA is not counted."""
+    model.eval()
+    flops = C.count_flops(lambda: model(images, r=r))
+    q = torch.zeros(1, 1, 4, 8, device=images.device)
+    if C.count_flops(lambda: F.scaled_dot_product_attention(q, q, q)) == 0:
+        D = model.pos_embed.shape[-1]
+        counts = token_counts(model.pos_embed.shape[1], parse_r(len(model.blocks), r))
+        flops += sum(2 * 2 * len(images) * n * n * D for n in counts[:-1])  # 2 matmuls of N x N x D
+    return flops
+
+
+def bench(args, run):
+    """The paper's claim at full size: throughput of ViT-B/16 (r = 16) and ViT-L/16 (r = 8) with
+    and without ToMe, on random images, eval mode, no grad, after warm-up; the two models are
+    timed in alternating rounds (fair on a shared machine) and the median is reported."""
+    cuda = run.device.type == "cuda"
+    if args.model != "tiny" or args.weights:
+        names = [args.model]
+    else:  # ViT-L on a CPU takes minutes: only where a GPU is available, or with --model large
+        names = ["base", "large"] if cuda else ["base"]
+    batch = args.bench_batch or (256 if cuda else 8)
+    rows, summary = [], []
+    for name in names:
+        r = args.r or PAPER_R[name]
+        S = PRESETS[name]["img_size"] if args.input_size is None else args.input_size
+        model, acc = create_model(name, img_size=S, prop_attn=not args.no_prop_attn), {}
+        if args.weights:
+            model = model_from_weights(args, name, S, args.weights)
+            if args.data:  # accuracy beside the speed when a model and data are given
+                args.input_size = S
+                _, val_ds, _ = C.image_data(args)
+                loader = C.make_loader(val_ds, args, run, train=False)
+                acc = {rr: evaluate(model.to(run.device), loader, run, rr) for rr in (0, r)}
+        model = model.to(run.device).eval()
+        x = torch.randn(batch, 3, S, S, device=run.device)
+        seconds = {0: [], r: []}
+        for i in range(args.bench_rounds):  # alternate plain / ToMe so both see the same load
+            for rr in seconds:
+                step = forward_fn(model, x, run, rr)
+                seconds[rr].append(C.benchmark(step, run, warmup=1 if i == 0 else 0, reps=2))
+        one = x[:1]
+        for rr in seconds:
+            ims = len(x) / statistics.median(seconds[rr])  # images / s
+            sched = parse_r(len(model.blocks), rr)
+            label = f"ViT-{name[0].upper()}/{PRESETS[name]['patch_size']}"
+            rows.append(dict(model=label, r=rr, batch=batch,
+                             tokens=token_counts(model.pos_embed.shape[1], sched)[-1],
+                             gflops=counted_flops(model, one, rr) / 1e9,
+                             analytic=analytic_flops(model, sched) / 1e9, ims=ims, acc=acc.get(rr)))
+        b, t = rows[-2], rows[-1]
+        summary.append(f"{b['model']} r={r} {t['ims'] / b['ims']:.2f}x throughput "
+                       f"({b['ims']:.1f} -> {t['ims']:.1f} im/s), FLOPs {b['gflops'] / t['gflops']:.2f}x "
+                       f"(analytic {b['analytic'] / t['analytic']:.2f}x)")
+        del model
+    C.log(run, f"{'model':10} {'r':>3} {'batch':>5} {'tokens':>6} {'GFLOPs':>7} {'analytic':>8} "
+               f"{'im/s':>8} {'speedup':>7} {'acc':>6}")
+    for row in rows:
+        base = next(b for b in rows if b["model"] == row["model"] and b["r"] == 0)
+        acc = "" if row["acc"] is None else f"{row['acc']:.4f}"
+        C.log(run, f"{row['model']:10} {row['r']:>3} {row['batch']:>5} {row['tokens']:>6} "
+                   f"{row['gflops']:>7.2f} {row['analytic']:>8.2f} {row['ims']:>8.1f} "
+                   f"{row['ims'] / base['ims']:>6.2f}x {acc:>6}")
+    threads = torch.get_num_threads()
+    where = torch.cuda.get_device_name() if cuda else f"cpu, {threads} thread{'s' * (threads > 1)}"
+    C.log(run, f"bench: {'; '.join(summary)}; batch {batch}, {args.precision}, {where}")
+
+
+def smoke(args, run):
+    """A few steps on 16 synthetic images with ToMe on during training (r = 4)."""
+    S = args.input_size
+    data = C.shapes_images(16, S, seed=0)
+    batch = (C.normalize(data["images"]), data["labels"])  # (16, 3, S, S), (16,)
+    model = create_model(args.model, img_size=S, num_classes=len(C.CLASSES), r=args.r or 4)
+    C.smoke(model, make_loss(0.0), batch, run, steps=30)
+
+
+# ------------------------------------------------------------------------------------------------
+# main
+# ------------------------------------------------------------------------------------------------
+
+def model_from_weights(args, name, img_size, path):
+    """A model shaped like the checkpoint (class count from `head`, global pool iff `fc_norm`),
+    loaded strictly: a missing, extra or wrongly shaped key is one line naming the keys."""
+    state = C.unwrap_state(C.load_checkpoint(path))
+    if not isinstance(state, dict) or "head.weight" not in state:
+        C.die(f"{path}: not a ViT classifier checkpoint (no head.weight)")
+    model = create_model(name, img_size=img_size, num_classes=state["head.weight"].shape[0],
+                         global_pool="fc_norm.weight" in state, drop_path_rate=args.drop_path,
+                         r=r_spec(args.r, args.inflect), prop_attn=not args.no_prop_attn)
+    C.load_state(model, state, path)
+    return model
+
+
+def main(argv=None):
+    parser = C.make_parser("tome", __doc__, epochs=None, batch_size=32, input_size=None, lr=1e-3,
+                             warmup_epochs=1)
+    parser.add_argument("--r", "--tome_r", dest="r", type=int, default=0,  # --tome_r under torchrun
+                        help="tokens merged per block in training (0: plain ViT); in --bench: the r timed")
+    parser.add_argument("--inflect", type=float, default=0.0,
+                        help="r schedule (official parse_r): 0 constant, -1 decreasing 2r -> 0")
+    parser.add_argument("--r_eval", default=None,
+                        help="comma-separated r values to evaluate (default: 0 to 1.25 x the paper's r)")
+    parser.add_argument("--no_prop_attn", action="store_true",
+                        help="no proportional attention (README: for off-the-shelf MAE models)")
+    parser.add_argument("--cls_token", action="store_true",
+                        help="classify from the class token + norm (DeiT) instead of the size-weighted "
+                             "global pool + fc_norm (MAE fine-tuning's default, --global_pool)")
+    parser.add_argument("--drop_path", type=float, default=0.0, help="stochastic depth rate")
+    parser.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
+    parser.add_argument("--bench_batch", type=int, default=None, help="default 8 on CPU, 256 on GPU")
+    parser.add_argument("--bench_rounds", type=int, default=3, help="--bench alternating timing rounds")
+    args = parser.parse_args(argv)
+    if args.model not in PRESETS:
+        C.die(f"unknown --model {args.model!r}; choose one of {', '.join(PRESETS)}")
+    if args.r < 0:
+        C.die(f"--r must be >= 0, got {args.r}")
+    try:
+        sweep = [int(v) for v in args.r_eval.split(",")] if args.r_eval else \
+            sorted({round(PAPER_R[args.model] * f) for f in (0, 0.25, 0.5, 0.75, 1.0, 1.25)})
+    except ValueError:
+        sweep = [-1]
+    if min(sweep) < 0:
+        C.die(f"--r_eval must be comma-separated integers >= 0, got {args.r_eval!r}")
+    run = C.init_run(args)
+    if args.bench:
+        return bench(args, run)
+    if args.input_size is None:
+        args.input_size = PRESETS[args.model]["img_size"]
+    patch = PRESETS[args.model]["patch_size"]
+    if args.input_size % patch:
+        C.die(f"--input_size {args.input_size} is not a multiple of the patch size {patch}")
+    if args.smoke:
+        return smoke(args, run)
+    if args.epochs is None:  # --weights alone: evaluate the released model off the shelf
+        args.epochs = 0 if args.weights else 10
+
+    train_ds, val_ds, classes = C.image_data(args)
+    if not classes:
+        C.die(f"{args.data}: tome.py trains a classifier: it needs class folders (DIR/<class>/*.jpg)")
+    if args.weights:
+        model = model_from_weights(args, args.model, args.input_size, args.weights)
+        if model.head.out_features != len(classes):
+            msg = (f"{args.weights}: its head has {model.head.out_features} classes, the data "
+                   f"{len(classes)} ({args.data or 'synthetic shapes'})")
+            if args.epochs > 0 or model.head.out_features < len(classes):
+                C.die(msg)
+            C.log(run, f"warning: {msg}; accuracy assumes the sorted folder names are its classes")
+    else:
+        model = create_model(args.model, img_size=args.input_size, num_classes=len(classes),
+                             global_pool=not args.cls_token, drop_path_rate=args.drop_path,
+                             r=r_spec(args.r, args.inflect), prop_attn=not args.no_prop_attn)
+    model.to(run.device)
+    history = dict(losses=[], steps=0, seconds=0.0, epoch=0)
+    if args.epochs > 0 or args.resume:
+        loader = C.make_loader(train_ds, args, run, train=True)
+        model, history = C.fit(model, make_loss(args.smoothing), loader, args, run)
+
+    # Evaluation off the shelf: the same weights with r tokens merged per block, for every r.
+    val_loader = C.make_loader(val_ds, args, run, train=False)
+    images, labels = next(iter(val_loader))  # one batch, for throughput and the picture
+    images = images.to(run.device)
+    T0 = model.pos_embed.shape[1]
+    table = []
+    for r in sweep:
+        spec = r_spec(r, args.inflect)
+        row = dict(r=r, acc=evaluate(model, val_loader, run, spec),
+                   images_per_s=throughput(model, images, run, spec),
+                   tokens=token_counts(T0, parse_r(len(model.blocks), spec))[-1])
+        table.append(row)
+        C.log(run, f"r={r:3d}  acc {row['acc']:.4f}  {row['images_per_s']:8.1f} im/s  "
+                   f"tokens {T0} -> {row['tokens']}")
+    acc = next((row["acc"] for row in table if row["r"] == 0), None)
+    if acc is None:
+        acc = evaluate(model, val_loader, run, 0)
+
+    if run.is_main:  # the picture: merge groups at the last layer, like the paper's Figure 4
+        r_pic = args.r or PAPER_R[args.model]
+        shown = images[:8]
+        rows, texts = [], [[classes[int(y)] for y in labels[:8]]]
+        for r in (r_pic // 2, r_pic):
+            painted, pix, T = merge_picture(model, shown, r_spec(r, args.inflect))
+            rows += [pix] if not rows else []  # first row: the images themselves
+            rows.append(painted)
+            texts.append([f"r={r}: {T} tokens"] * len(shown))
+        path = C.save_grid(f"{args.out}/merging.png", rows, texts)
+        C.log(run, f"picture: {path}")
+    C.write_metrics(args, run, history, acc=acc, tome=table, r_train=args.r,
+                    prop_attn=not args.no_prop_attn)
+
+
+if __name__ == "__main__":
+    main()
