@@ -398,7 +398,7 @@ def load_pretrained(model, path):
 
 
 def pretrain(args, run):
-    train_ds, val_ds, classes = C.image_data(args)
+    train_ds, val_ds, classes = C.image_data(args, args.n_train, args.n_val)
     model = create_model(args.model, img_size=args.input_size, norm_pix_loss=args.norm_pix_loss)
     if args.weights:
         load_pretrained(model, args.weights)
@@ -439,7 +439,7 @@ def layer_id(name, depth):
 
 
 def finetune(args, run):
-    train_ds, val_ds, classes = C.image_data(args)
+    train_ds, val_ds, classes = C.image_data(args, args.n_train, args.n_val)
     if len(classes) < 2:
         C.die(f"--finetune needs labelled data: class folders in {args.data}")
     model = create_classifier(args.model, len(classes), img_size=args.input_size, drop_path_rate=args.drop_path)
@@ -546,6 +546,8 @@ def main(argv=None):
     p.add_argument("--layer_decay", type=float, default=0.75, help="fine-tuning: layer-wise lr decay")
     p.add_argument("--drop_path", type=float, default=0.1, help="fine-tuning: stochastic depth rate")
     p.add_argument("--smoothing", type=float, default=0.1, help="fine-tuning: label smoothing")
+    p.add_argument("--n_train", type=int, default=2000, help="synthetic training images")
+    p.add_argument("--n_val", type=int, default=500, help="synthetic held-out images")
     p.add_argument("--bench_batch", type=int, default=8)
     p.add_argument("--bench_reps", type=int, default=3)
     args = p.parse_args(argv)

@@ -127,7 +127,8 @@ def test_official_names_shapes_and_counts_for_base():
               "decoder_blocks.7.attn.proj.weight": (512, 512), "decoder_norm.bias": (512,), "decoder_pred.weight": (P, 512)}
     for k, shape in expect.items():
         assert tuple(sd[k].shape) == shape, k
-    assert len(sd) == 4 + 12 * 12 + 2 + 2 + 2 + 8 * 12 + 2 + 2 + 2  # every tensor of models_mae.py, no more
+    # cls, pos, patch w/b; 12 blocks x 12; norm; decoder_embed; mask_token; decoder_pos; 8 x 12; decoder norm, pred
+    assert len(sd) == 4 + 12 * 12 + 2 + 2 + 1 + 1 + 8 * 12 + 2 + 2     # every tensor of models_mae.py, no more
     trainable = lambda prefix: sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and n.startswith(prefix))
     total = sum(p.numel() for p in model.parameters() if p.requires_grad)
     encoder = sum(p.numel() for n, p in model.named_parameters()
@@ -178,7 +179,7 @@ def test_norm_pix_picture_uses_no_hidden_statistics():
 def test_smoke_and_a_short_run(tmp_path):
     mae.main(["--smoke"])
     out = tmp_path / "run"
-    mae.main(["--epochs", "1", "--out", str(out), "--batch_size", "64"])
+    mae.main(["--epochs", "1", "--out", str(out), "--n_train", "256", "--n_val", "64"])
     m = json.loads((out / "metrics.json").read_text())
     for k in ("val_loss", "val_loss_init", "probe_acc", "probe_acc_init", "knn_acc", "knn_acc_init", "loss_first", "loss_last"):
         assert k in m

@@ -1,0 +1,660 @@
+"""Masked Autoencoders As Spatiotemporal Learners (MAE-ST).
+
+Christoph Feichtenhofer, Haoqi Fan, Yanghao Li, Kaiming He. arXiv 2205.09113 (NeurIPS 2022).
+Official code: github.com/facebookresearch/mae_st (this file keeps its parameter names).
+
+The idea. MAE (He et al. 2021) cuts an image into patches, hides most of them, runs a ViT encoder
+on the few visible patches only and asks a small decoder to paint the hidden pixels back. MAE-ST
+does the same with a video: a 2x16x16 (t x h x w) cube is one token, so a 16x224x224 clip becomes
+8 x 14 x 14 = 1568 spacetime tokens. Videos are highly redundant in time, so the mask can be much
+larger than for images: 90% of the tokens are removed, chosen at random over space AND time
+("spacetime-agnostic"), and the encoder sees 156 tokens. The encoder is a plain ViT with global
+attention over the visible tokens and learned separable positional embeddings (space + time).
+Because the encoder never sees the removed tokens, pre-training costs 7.7x fewer FLOPs than
+running the encoder over all tokens with mask tokens (paper Table 1), at equal accuracy.
+
+What this file reproduces in miniature. A tiny MAE-ST trained on 8-frame 32x32 videos of a shape
+moving in one of four directions (the label; one frame alone cannot tell it). The default run
+(400 steps, about 80 s of one CPU core) brings the held-out reconstruction loss from 1.37 to 0.38,
+well below predicting the mean colour (0.52), but the pictures show it has learned the backgrounds,
+not yet the small moving shape: with 8x8 patches and 90% masking the encoder sees 6 of 64 tokens,
+and the linear probe / kNN on the frozen encoder's mean token stay at or below the untrained
+encoder's (measured: probe 0.28 vs 0.35 at init, kNN 0.22 vs 0.27; chance 0.25). The paper's
+models learn motion after hundreds of epochs on Kinetics; this one needs far more steps than a
+minute gives. Train longer (--epochs) to go further. `--bench` measures the paper's Table 1 claim (encoder with mask tokens vs. encoder on the
+visible 10%) as a FLOP ratio and a time ratio for ViT-L.
+
+Commands:
+    python videomae.py                      # train tiny on synthetic videos, evaluate, picture
+    python videomae.py --data DIR           # DIR/<class>/*.mp4|avi|mkv|webm|mov (PyAV)
+    python videomae.py --smoke              # seconds: loss finite and falling, exit status
+    python videomae.py --bench              # FLOP and time ratio, ViT-L at 90% (Table 1)
+    python videomae.py --mask_type tube     # the paper's Table 2a ablation (space-only masks)
+    torchrun --nproc_per_node=N videomae.py --data DIR
+
+Departures from the official code (facebookresearch/mae_st), and why:
+- Decoder depth defaults to 4 for the paper's sizes, as the paper and the official README command
+  (`--decoder_depth 4`); the code's argparse default is 8. `huge` uses 16x16 patches as the paper
+  and the released ViT-H weights do (mae_st's pre-training factory says patch 14).
+- `tiny` (CPU) is 8 frames of 32x32 with 8x8 patches, width 128, depth 4, decoder 64 x 2; the
+  paper's models are `base`/`large`/`huge` with the exact official numbers.
+- sep_pos_embed and cls_embed are always on (the official CLI forces both to True, they cannot be
+  switched off there either); the non-separable `pos_embed` variant is not written.
+- Attention calls F.scaled_dot_product_attention (same maths as mae_st's explicit softmax).
+  torch's FLOP counter does not see the CPU SDPA kernel, so `--bench` counts FLOPs on the meta
+  device, where SDPA is counted (a test checks 24ND^2 + 4N^2D per block).
+- --trunc_init, --bias_wd, --accum_iter, --fp32 and the Kinetics CSV loader are not written:
+  common.py's loop (AdamW, per-iteration warmup + cosine, clip_grad) and folder loader are used.
+  Weight decay follows common.param_groups (no decay on 1-D params and biases; as mae_st without
+  --bias_wd, pos tables and class tokens are decayed).
+- Normalisation is ImageNet mean/std (common.py) instead of Kinetics' 0.45/0.225.
+- Data: common.video_data replaces the Kinetics decoder (random short-side jitter, crop, flip);
+  with --repeat_aug R each decoded video gives R clips, reshaped to batch*R like mae_st.
+- `--weights` also reads the released PySlowFast-format checkpoints (k400_400ep_rep4_mr9_16x4.pyth):
+  their decoder keys `pred_head.transforms.0.{k}` / `pred_head.transforms.0.{depth}` /
+  `pred_head.projections.0` / `dec_pos_embed_*` are renamed to mae_st's names. That decoder has
+  8 heads (512/64) and no decoder_cls_token (it reuses the encoder's cls output), so after such a
+  load the decoder runs with 8 heads and a zero decoder_cls_token. Encoder features are those of
+  the released model; reconstructions are not bit-identical to PySlowFast's (decoder cls input, and
+  PySlowFast's targets are frames 0,2,..,14 where mae_st's are linspace: 0,2,..,12,15).
+- Training defaults are sized for a minute on a CPU: tiny, 8 epochs of 800 synthetic videos, batch 16
+  videos x --repeat_aug 2 clips, lr 1.5e-3 with 0.2 warmup epochs. --mask_ratio defaults to the
+  paper's 0.9 (mae_st's argparse says 0.75, its README command 0.9). For base/large/huge, lr =
+  blr * batch / 256 with the paper's blr 1.6e-3, as mae_st (repeat_aug not counted in the batch).
+- `--bench` times a training step (forward + backward) on a GPU; on a CPU it times the forward pass
+  only, because ViT-L's backward over 1569 tokens needs more than 4 GB.
+
+How this differs from MCG-NJU VideoMAE (Tong et al. 2022, a different paper with the same idea):
+VideoMAE masks "tubes" (one spatial mask repeated over time; `--mask_type tube` here), uses fixed
+sin-cos positions and no class token, splits the qkv bias into q_bias/v_bias, has a 384-d decoder
+for ViT-B, and predicts the whole 2-frame tubelet (1536 values, per-channel normalised); MAE-ST
+masks at random over spacetime, learns separable positions, uses separate q/k/v Linears, a 512-d
+decoder, and predicts one frame per 2-frame token (768 values, whole-patch normalised).
+"""
+import copy
+import math
+import statistics
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common as C
+
+# ==================================================================================================
+# Model: ordinary ViT building blocks (mae_st util/video_vit.py names: q, k, v, proj, fc1, fc2)
+# ==================================================================================================
+
+
+class PatchEmbed(nn.Module):
+    """A Conv3d with kernel = stride = (t_patch, p, p): one token per t x p x p cube of the video."""
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, frames=16, t_patch_size=2):
+        super().__init__()
+        assert img_size % patch_size == 0 and frames % t_patch_size == 0
+        self.input_size = (frames // t_patch_size, img_size // patch_size, img_size // patch_size)  # (T', H', W')
+        self.num_patches = self.input_size[0] * self.input_size[1] * self.input_size[2]
+        self.patch_size, self.t_patch_size, self.frames, self.img_size = patch_size, t_patch_size, frames, img_size
+        kernel = (t_patch_size, patch_size, patch_size)
+        self.proj = nn.Conv3d(in_chans, embed_dim, kernel_size=kernel, stride=kernel)
+
+    def forward(self, x):                                   # x: (N, 3, T, H, W)
+        N, _, T, H, W = x.shape
+        if (T, H, W) != (self.frames, self.img_size, self.img_size):
+            raise ValueError(f"input {T}x{H}x{W} does not match the model's "
+                             f"{self.frames}x{self.img_size}x{self.img_size}")
+        x = self.proj(x)                                    # (N, D, T', H', W')
+        x = x.flatten(3)                                    # (N, D, T', H'W')
+        return x.permute(0, 2, 3, 1)                        # (N, T', H'W', D): token (t, s), time-major
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with separate q, k, v projections (as mae_st's video_vit)."""
+
+    def __init__(self, dim, num_heads, qkv_bias=True):
+        super().__init__()
+        assert dim % num_heads == 0
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.k = nn.Linear(dim, dim, bias=qkv_bias)
+        self.v = nn.Linear(dim, dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):                                   # x: (B, N, D)
+        B, N, D = x.shape
+        h = self.num_heads
+        q = self.q(x).reshape(B, N, h, D // h).transpose(1, 2)   # (B, h, N, D/h)
+        k = self.k(x).reshape(B, N, h, D // h).transpose(1, 2)   # (B, h, N, D/h)
+        v = self.v(x).reshape(B, N, h, D // h).transpose(1, 2)   # (B, h, N, D/h)
+        x = F.scaled_dot_product_attention(q, k, v)              # softmax(q k^T / sqrt(d)) v
+        x = x.transpose(1, 2).reshape(B, N, D)                   # (B, N, D)
+        return self.proj(x)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x += Attn(LN(x)); x += MLP(LN(x))."""
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, qkv_bias)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+# ==================================================================================================
+# The paper's idea: spacetime-agnostic random masking, separable space-time positions, and an
+# encoder that only ever sees the visible ~10% of the spacetime tokens.
+# ==================================================================================================
+
+
+def random_masking(x, mask_ratio, mask_type="random", t_size=1):
+    """Keep a random subset of the L = T'*H'W' tokens of each sample.
+
+    random (MAE-ST, "spacetime-agnostic"): every token is dropped independently of where it sits
+        in space or time; len_keep = floor(L * (1 - mask_ratio)), e.g. 156 of 1568 at 0.9.
+    tube (space-only, MCG-NJU VideoMAE's choice; paper Table 2a): one spatial mask shared by every
+        time slice; len_keep = T' * floor(H'W' * (1 - mask_ratio)).
+    x: (N, L, D) in time-major order. Returns x_masked (N, len_keep, D), mask (N, L) with
+    1 = removed and 0 = kept, ids_restore (N, L) and ids_keep (N, len_keep).
+    """
+    N, L, D = x.shape
+    if mask_type == "random":
+        len_keep = int(L * (1 - mask_ratio))
+        noise = torch.rand(N, L, device=x.device)                    # (N, L), small = keep
+    elif mask_type == "tube":
+        S = L // t_size
+        len_keep = t_size * int(S * (1 - mask_ratio))
+        noise = torch.rand(N, 1, S, device=x.device).expand(N, t_size, S)   # (N, T', S): same in every t
+        noise = noise.reshape(N, L)                                          # (N, L)
+    else:
+        raise ValueError(f"unknown mask_type {mask_type!r}")
+    # a stable sort keeps the T' copies of a spatial position together, so the first len_keep
+    # positions of a tube mask are whole tubes; for random noise (no ties) it changes nothing.
+    ids_shuffle = torch.argsort(noise, dim=1, stable=True)          # (N, L), kept ones first
+    ids_restore = torch.argsort(ids_shuffle, dim=1)                 # (N, L), inverse permutation
+    ids_keep = ids_shuffle[:, :len_keep]                            # (N, len_keep)
+    x_masked = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, D))   # (N, len_keep, D)
+    mask = torch.ones(N, L, device=x.device)
+    mask[:, :len_keep] = 0                                          # in shuffled order
+    mask = torch.gather(mask, 1, ids_restore)                       # (N, L) in token order
+    return x_masked, mask, ids_restore, ids_keep
+
+
+def separable_pos_embed(spatial, temporal):
+    """Learned separable positions: pos[t * S + s] = spatial[s] + temporal[t].
+
+    spatial: (1, S, D) with S = H'W'; temporal: (1, T', D). Returns (1, T'S, D), time-major like the
+    tokens: the spatial table repeated T' times plus the temporal one repeated S times per entry.
+    """
+    S, T = spatial.shape[1], temporal.shape[1]
+    return spatial.repeat(1, T, 1) + torch.repeat_interleave(temporal, S, dim=1)   # (1, T'S, D)
+
+
+def target_frame_indices(num_frames, pred_t_dim):
+    """Frames whose pixels the decoder predicts: linspace(0, T-1, pred_t_dim) rounded down, as mae_st.
+
+    One frame per 2-frame token: T=16 gives [0, 2, 4, 6, 8, 10, 12, 15] (the last is 15, not 14).
+    """
+    return torch.linspace(0, num_frames - 1, pred_t_dim).long()
+
+
+class MaskedAutoencoderViT(nn.Module):
+    """MAE-ST: ViT encoder on the visible spacetime tokens, light ViT decoder on all of them."""
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=1024, depth=24, num_heads=16,
+                 decoder_embed_dim=512, decoder_depth=4, decoder_num_heads=16, mlp_ratio=4.0,
+                 norm_pix_loss=False, num_frames=16, t_patch_size=2, pred_t_dim=None, no_qkv_bias=False,
+                 mask_type="random"):
+        super().__init__()
+        pred_t_dim = pred_t_dim or num_frames // t_patch_size
+        self.pred_t_dim = pred_t_dim
+        self.t_pred_patch_size = t_patch_size * pred_t_dim // num_frames   # u: frames predicted per token
+        assert self.t_pred_patch_size >= 1, "pred_t_dim must be at least num_frames / t_patch_size"
+        self.norm_pix_loss, self.mask_type = norm_pix_loss, mask_type
+        self.num_frames, self.patch_size, self.in_chans = num_frames, patch_size, in_chans
+        qkv_bias = not no_qkv_bias
+
+        # --- encoder ---
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, num_frames, t_patch_size)
+        T, H, W = self.input_size = self.patch_embed.input_size        # token grid (T', H', W')
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed_spatial = nn.Parameter(torch.zeros(1, H * W, embed_dim))
+        self.pos_embed_temporal = nn.Parameter(torch.zeros(1, T, embed_dim))
+        self.pos_embed_class = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, qkv_bias) for _ in range(depth)])
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+
+        # --- decoder ---
+        self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+        self.decoder_cls_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+        self.decoder_pos_embed_spatial = nn.Parameter(torch.zeros(1, H * W, decoder_embed_dim))
+        self.decoder_pos_embed_temporal = nn.Parameter(torch.zeros(1, T, decoder_embed_dim))
+        self.decoder_pos_embed_class = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+        self.decoder_blocks = nn.ModuleList(
+            [Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias) for _ in range(decoder_depth)])
+        self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=1e-6)
+        self.decoder_pred = nn.Linear(decoder_embed_dim, self.t_pred_patch_size * patch_size ** 2 * in_chans)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        """mae_st's init (trunc_init off). decoder_cls_token is never initialised there: it stays 0."""
+        for p in (self.cls_token, self.pos_embed_spatial, self.pos_embed_temporal, self.pos_embed_class,
+                  self.decoder_pos_embed_spatial, self.decoder_pos_embed_temporal, self.decoder_pos_embed_class):
+            nn.init.trunc_normal_(p, std=0.02)                       # cutoff +-2 absolute: ~ normal(0.02)
+        w = self.patch_embed.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))              # as a Linear; the conv bias keeps its default
+        nn.init.normal_(self.mask_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    # ---- pixels <-> tokens ------------------------------------------------------------------------
+    def patchify(self, videos):
+        """(N, 3, T, H, W) -> (N, t*h*w, u*p*p*3), token order (t, h, w), values in (u, p, q, c) order."""
+        N, c, T, H, W = videos.shape
+        p, u = self.patch_size, self.t_pred_patch_size
+        t, h, w = T // u, H // p, W // p
+        x = videos.reshape(N, c, t, u, h, p, w, p)                  # (N, c, t, u, h, p, w, q)
+        x = x.permute(0, 2, 4, 6, 3, 5, 7, 1)                       # (N, t, h, w, u, p, q, c)
+        return x.reshape(N, t * h * w, u * p * p * c)               # (N, L, u p^2 c)
+
+    def unpatchify(self, x, t=None):
+        """Exact inverse of patchify: (N, L, u*p*p*3) -> (N, 3, t*u, H, W)."""
+        N, L, _ = x.shape
+        p, u, c = self.patch_size, self.t_pred_patch_size, self.in_chans
+        t = t or self.input_size[0]
+        h = w = int(math.isqrt(L // t))
+        x = x.reshape(N, t, h, w, u, p, p, c)                       # (N, t, h, w, u, p, q, c)
+        x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)                       # (N, c, t, u, h, p, w, q)
+        return x.reshape(N, c, t * u, h * p, w * p)                 # (N, 3, T, H, W)
+
+    # ---- encoder ------------------------------------------------------------------------------------
+    def forward_encoder(self, videos, mask_ratio, mask_type=None):
+        x = self.patch_embed(videos)                                # (N, T', S, D)
+        N, T, S, D = x.shape
+        x = x.reshape(N, T * S, D)                                  # (N, L, D), token index t*S + s
+        x, mask, ids_restore, ids_keep = random_masking(x, mask_ratio, mask_type or self.mask_type, T)
+        # positions added after masking: gather the table at the kept indices (= adding it before)
+        pos = separable_pos_embed(self.pos_embed_spatial, self.pos_embed_temporal)    # (1, L, D)
+        pos = torch.gather(pos.expand(N, -1, -1), 1, ids_keep.unsqueeze(-1).expand(-1, -1, D))  # (N, len_keep, D)
+        x = x + pos
+        cls = (self.cls_token + self.pos_embed_class).expand(N, -1, -1)             # (N, 1, D)
+        x = torch.cat([cls, x], dim=1)                              # (N, 1 + len_keep, D)
+        for blk in self.blocks:
+            x = blk(x)
+        x = self.norm(x)
+        return x[:, 1:], mask, ids_restore                          # the cls output is dropped (mae_st)
+
+    # ---- decoder ------------------------------------------------------------------------------------
+    def forward_decoder(self, x, ids_restore):
+        """x: (N, len_keep, D) encoded visible tokens in shuffled order; returns (N, L, u p^2 3)."""
+        x = self.decoder_embed(x)                                   # (N, len_keep, Dd)
+        N, n_vis, Dd = x.shape
+        L = ids_restore.shape[1]
+        x = torch.cat([x, self.mask_token.expand(N, L - n_vis, -1)], dim=1)        # (N, L, Dd) shuffled
+        x = torch.gather(x, 1, ids_restore.unsqueeze(-1).expand(-1, -1, Dd))       # (N, L, Dd) token order
+        x = x + separable_pos_embed(self.decoder_pos_embed_spatial, self.decoder_pos_embed_temporal)
+        cls = (self.decoder_cls_token + self.decoder_pos_embed_class).expand(N, -1, -1)   # (N, 1, Dd)
+        x = torch.cat([cls, x], dim=1)                              # (N, 1 + L, Dd)
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        x = self.decoder_pred(self.decoder_norm(x))                 # (N, 1 + L, u p^2 3)
+        return x[:, 1:]                                             # (N, L, u p^2 3)
+
+    def forward_features(self, videos):
+        """Frozen-encoder clip feature for probing: mean of the encoder's tokens with no mask."""
+        x, _, _ = self.forward_encoder(videos, 0.0, "random")       # (N, L, D)
+        return x.mean(dim=1)                                        # (N, D)
+
+    def forward(self, videos, mask_ratio=0.9):
+        latent, mask, ids_restore = self.forward_encoder(videos, mask_ratio)
+        pred = self.forward_decoder(latent, ids_restore)            # (N, L, u p^2 3)
+        loss = forward_loss(self, videos, pred, mask)
+        return loss, pred, mask
+
+
+# ==================================================================================================
+# Presets: tiny for a CPU; base / large / huge with the paper's numbers (16x224x224, 2x16x16 patches,
+# decoder 512-d x 4 blocks, 16 heads as mae_st; 1568 tokens).
+# ==================================================================================================
+
+PRESETS = {
+    "tiny": dict(img_size=32, patch_size=8, num_frames=8, t_patch_size=2, embed_dim=128, depth=4, num_heads=4,
+                 decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4),
+    "base": dict(img_size=224, patch_size=16, num_frames=16, t_patch_size=2, embed_dim=768, depth=12, num_heads=12,
+                 decoder_embed_dim=512, decoder_depth=4, decoder_num_heads=16),
+    "large": dict(img_size=224, patch_size=16, num_frames=16, t_patch_size=2, embed_dim=1024, depth=24, num_heads=16,
+                  decoder_embed_dim=512, decoder_depth=4, decoder_num_heads=16),
+    "huge": dict(img_size=224, patch_size=16, num_frames=16, t_patch_size=2, embed_dim=1280, depth=32, num_heads=16,
+                 decoder_embed_dim=512, decoder_depth=4, decoder_num_heads=16),
+}
+
+
+def create_model(name="tiny", **overrides):
+    if name not in PRESETS:
+        raise ValueError(f"unknown model {name!r}; choose from {', '.join(PRESETS)}")
+    return MaskedAutoencoderViT(**{**PRESETS[name], **overrides})
+
+
+# ==================================================================================================
+# Loss: mean squared error on the pixels of the removed tokens only, one frame per 2-frame token.
+# ==================================================================================================
+
+
+def forward_loss(model, videos, pred, mask):
+    """videos (N, 3, T, H, W); pred (N, L, u p^2 3); mask (N, L) with 1 = removed.
+
+    target = patchify(videos at the target frames), optionally per-patch normalised
+             (x - mean) / sqrt(var + 1e-6) with the unbiased variance (--norm_pix_loss);
+    loss   = sum_i mask_i * mean_j (pred_ij - target_ij)^2 / sum_i mask_i.
+    """
+    target = prediction_target(model, videos)                      # (N, L, u p^2 3)
+    loss = ((pred - target) ** 2).mean(dim=-1)                      # (N, L) per-token mse
+    return (loss * mask).sum() / mask.sum()                         # mean over removed tokens
+
+
+def prediction_target(model, videos, normalize=None):
+    frames = target_frame_indices(videos.shape[2], model.pred_t_dim).to(videos.device)
+    target = model.patchify(videos.index_select(2, frames))        # (N, L, u p^2 3)
+    if model.norm_pix_loss if normalize is None else normalize:
+        mean = target.mean(dim=-1, keepdim=True)
+        var = target.var(dim=-1, keepdim=True)                      # unbiased, as mae_st
+        target = (target - mean) / (var + 1e-6) ** 0.5
+    return target
+
+
+# ==================================================================================================
+# Data glue: common.video_data gives clips (B, T, 3, S, S), or (B, R, T, 3, S, S) with --repeat_aug R.
+# ==================================================================================================
+
+
+def to_clips(videos):
+    """Loader layout -> model layout (N, 3, T, S, S); R repeated clips of a video become R samples."""
+    if videos.dim() == 6:
+        videos = videos.flatten(0, 1)                               # (B*R, T, 3, S, S), as mae_st's b*r
+    return videos.permute(0, 2, 1, 3, 4)                            # (N, 3, T, S, S)
+
+
+def eval_loader(ds, args):
+    """A plain ordered loader (every rank evaluates the whole held-out set)."""
+    return torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers or 0)
+
+
+# ==================================================================================================
+# Train, evaluate, bench, smoke
+# ==================================================================================================
+
+
+def evaluate(model, val_ds, feat_train_ds, args, run, labelled):
+    """Held-out reconstruction loss (same masks for every model: fixed seed) and, on labelled data,
+    a linear probe and kNN on the frozen encoder's mean token at mask 0."""
+    model.eval()
+    gen_state = torch.get_rng_state()
+    torch.manual_seed(args.seed + 777)                              # the same masks for init and trained
+    total, count = 0.0, 0
+    for videos, _ in eval_loader(val_ds, args):
+        x = to_clips(videos.to(run.device))
+        with torch.no_grad(), C.autocast(run):
+            loss, _, _ = model(x, args.mask_ratio)
+        total, count = total + loss.float().item() * len(x), count + len(x)
+    torch.set_rng_state(gen_state)
+    out = dict(val_loss=total / count, probe_acc=None, knn_acc=None)
+    if labelled:
+        feats = lambda x: model.forward_features(to_clips(x))       # (B, D)
+        Xtr, ytr = C.extract_features(feats, eval_loader(feat_train_ds, args), run)
+        Xva, yva = C.extract_features(feats, eval_loader(val_ds, args), run)
+        out["probe_acc"] = C.linear_probe(Xtr, ytr, Xva, yva)
+        out["knn_acc"] = C.knn_accuracy(Xtr, ytr, Xva, yva)
+    model.train()
+    return out
+
+
+@torch.no_grad()
+def save_reconstructions(model, val_ds, args, run, n=3):
+    """Rows of the predicted frames of n held-out clips: original / masked / reconstruction /
+    reconstruction with the visible patches pasted back."""
+    model.eval()
+    torch.manual_seed(args.seed + 777)
+    videos = torch.stack([val_ds[i][0] for i in range(min(n, len(val_ds)))])
+    x = to_clips(videos.to(run.device))                             # (n, 3, T, S, S)
+    _, pred, mask = model(x, args.mask_ratio)                       # (n, L, u p^2 3), (n, L)
+    target = prediction_target(model, x, normalize=False)           # (n, L, u p^2 3) raw (normalised) pixels
+    if model.norm_pix_loss:   # the model predicts per-patch standardised pixels: undo it with each
+        mean = target.mean(-1, keepdim=True)                        # patch's own mean/std, which the
+        std = (target.var(-1, keepdim=True) + 1e-6) ** 0.5          # model never saw (so say it)
+        pred = pred * std + mean
+    m = mask.unsqueeze(-1)                                          # (n, L, 1), 1 = removed
+    grey = torch.full_like(target, 0.0)                             # mean colour after normalisation
+    views = [target, target * (1 - m) + grey * m, pred, target * (1 - m) + pred * m]
+    names = ["original", "masked", "recon" + (" (true patch mean/std)" if model.norm_pix_loss else ""),
+             "recon + visible"]
+    rows, texts = [], []
+    frames = target_frame_indices(model.num_frames, model.pred_t_dim).tolist()
+    for i in range(len(x)):
+        for v, name in zip(views, names):
+            clip = model.unpatchify(v[i:i + 1])[0]                  # (3, T', S, S)
+            rows.append(torch.stack([C.denormalize(f) for f in clip.permute(1, 0, 2, 3)]))   # (T', 3, S, S)
+            texts.append([f"{name} f{frames[0]}"] + [f"f{t}" for t in frames[1:]])
+    model.train()
+    return C.save_grid(f"{args.out}/reconstruction.png", rows, texts)
+
+
+def forward_with_mask_tokens(model, videos, mask_ratio):
+    """Paper Table 1 baseline "encoder w/ [M]": the removed tokens are replaced by a mask token and
+    the encoder runs on all L tokens; the decoder and loss are unchanged. The mask token here is a
+    zero vector of the encoder's width (a learned one costs the same)."""
+    x = model.patch_embed(videos)                                   # (N, T', S, D)
+    N, T, S, D = x.shape
+    x = x.reshape(N, T * S, D)                                      # (N, L, D)
+    _, mask, _, _ = random_masking(x, mask_ratio, model.mask_type, T)
+    x = x * (1 - mask.unsqueeze(-1))                                # removed tokens -> [M] = 0
+    x = x + separable_pos_embed(model.pos_embed_spatial, model.pos_embed_temporal)
+    x = torch.cat([(model.cls_token + model.pos_embed_class).expand(N, -1, -1), x], dim=1)   # (N, 1 + L, D)
+    for blk in model.blocks:
+        x = blk(x)
+    x = model.norm(x)[:, 1:]                                        # (N, L, D), already in token order
+    identity = torch.arange(T * S, device=x.device).expand(N, -1)   # nothing to unshuffle
+    pred = model.forward_decoder(x, identity)
+    return forward_loss(model, videos, pred, mask)
+
+
+def bench(args, run):
+    """Paper Table 1: MAE-ST with the encoder on all tokens (mask tokens in it) vs. on the visible
+    tokens only, at the same mask ratio. FLOPs are counted on the meta device (no memory, no time;
+    there torch's counter also sees the attention inside SDPA); time is measured on run.device."""
+    name = args.model or "large"
+    kw = dict(num_frames=args.num_frames or PRESETS[name]["num_frames"])
+    with torch.device("meta"):
+        meta = create_model(name, **kw)
+    size, T = meta.patch_embed.img_size, meta.num_frames
+    L = meta.patch_embed.num_patches
+    vis = int(L * (1 - args.mask_ratio))
+    xm = torch.empty(1, 3, T, size, size, device="meta")
+    flops_m = C.count_flops(lambda: forward_with_mask_tokens(meta, xm, args.mask_ratio))
+    flops_s = C.count_flops(lambda: meta(xm, args.mask_ratio))
+
+    cuda = run.device.type == "cuda"
+    model = create_model(name, **kw).to(run.device)
+    batch = min(args.batch_size, 8) if cuda else 1                 # ViT-L's dense encoder: 1569 tokens a clip
+    x = torch.randn(batch, 3, T, size, size, device=run.device)
+
+    def step(fn):
+        if cuda:     # a training step's compute: forward + backward
+            def go():
+                with C.autocast(run):
+                    loss = fn()
+                loss.backward()
+                model.zero_grad(set_to_none=True)
+        else:        # a CPU: forward only, since ViT-L's backward at 1568 tokens needs > 4 GB
+            def go():
+                with torch.no_grad():
+                    fn()
+        return go
+    dense = step(lambda: forward_with_mask_tokens(model, x, args.mask_ratio))
+    sparse = step(lambda: model(x, args.mask_ratio)[0])
+    dense(), sparse()                                               # warm-up
+    times_m, times_s = [], []
+    for _ in range(10 if cuda else 3):      # alternate the two, so that a change in load hits both
+        times_m.append(C.benchmark(dense, run, warmup=0, reps=1))
+        times_s.append(C.benchmark(sparse, run, warmup=0, reps=1))
+    t_m, t_s = statistics.median(times_m), statistics.median(times_s)
+    what = f"fwd+bwd, batch {batch}, {args.precision}" if cuda else "forward, batch 1, fp32"
+    C.log(run, f"MAE-ST {name}: {T}x{size}x{size} clip, {L} tokens, mask {args.mask_ratio} "
+               f"({vis} visible), decoder {meta.decoder_embed.out_features} x {len(meta.decoder_blocks)}; "
+               f"{run.device}, {what}")
+    C.log(run, f"{'':28s}{'GFLOPs/clip':>12s}{'ms/clip':>12s}")
+    C.log(run, f"{'encoder w/ [M] (all tokens)':28s}{flops_m / 1e9:12.2f}{t_m / batch * 1e3:12.1f}")
+    C.log(run, f"{'encoder w/o [M] (visible)':28s}{flops_s / 1e9:12.2f}{t_s / batch * 1e3:12.1f}")
+    C.log(run, f"{'gain':28s}{flops_m / flops_s:11.2f}x{t_m / t_s:11.2f}x")
+    C.log(run, f"{'paper (ViT-L, A100)':28s}{'7.7x':>12s}{'5.8x':>12s}   (627.5 vs 81.0 GFLOPs; 141.1 vs 24.5 h)")
+    C.log(run, f"bench: FLOP ratio {flops_m / flops_s:.2f}x (paper 7.7x), time ratio {t_m / t_s:.2f}x "
+               f"(paper 5.8x) for {name} at mask {args.mask_ratio} on {run.device} ({what})")
+    return flops_m / flops_s, t_m / t_s
+
+
+def convert_pyslowfast(state, decoder_depth):
+    """Rename the released PySlowFast MaskMViT keys to mae_st's (the encoder's already match)."""
+    out = {}
+    for k, v in state.items():
+        if k.startswith("pred_head.transforms.0."):
+            rest = k[len("pred_head.transforms.0."):]
+            idx, sub = rest.split(".", 1)
+            k = f"decoder_norm.{sub}" if int(idx) == decoder_depth else f"decoder_blocks.{idx}.{sub}"
+        elif k.startswith("pred_head.projections.0."):
+            k = "decoder_pred." + k[len("pred_head.projections.0."):]
+        elif k.startswith("dec_pos_embed_"):
+            k = "decoder_pos_embed_" + k[len("dec_pos_embed_"):]
+        out[k] = v
+    return out
+
+
+def load_weights(model, path, run):
+    state = C.unwrap_state(C.load_checkpoint(path))
+    if not isinstance(state, dict):
+        C.die(f"{path}: not a state dict")
+    if any(k.startswith("pred_head.") for k in state):             # a released PySlowFast checkpoint
+        state = convert_pyslowfast(state, len(model.decoder_blocks))
+        for blk in model.decoder_blocks:
+            blk.attn.num_heads = blk.attn.q.out_features // 64      # PySlowFast's decoder: dim / 64 heads
+        C.load_state(model, state, path, allow_missing=("decoder_cls_token",))
+        C.log(run, f"loaded PySlowFast weights from {path} (decoder renamed, 8 heads, zero decoder_cls_token)")
+    else:
+        C.load_state(model, state, path)
+        C.log(run, f"loaded weights from {path}")
+
+
+def make_loss_fn(args):
+    def loss_fn(model, batch):
+        videos, _ = batch
+        loss, _, _ = model(to_clips(videos), args.mask_ratio)
+        return loss
+    return loss_fn
+
+
+def run_smoke(args, run):
+    model = create_model("tiny", num_frames=8, img_size=32, norm_pix_loss=args.norm_pix_loss,
+                         mask_type=args.mask_type)
+    d = C.shapes_videos(4, frames=8, size=32, seed=0)
+    videos = torch.stack([C.normalize(v) for v in d["videos"]])     # (4, T, 3, S, S)
+    C.smoke(model, make_loss_fn(args), (videos, d["labels"]), run, steps=30, lr=1e-3)
+
+
+# ==================================================================================================
+# main
+# ==================================================================================================
+
+
+def main(argv=None):
+    p = C.make_parser("videomae", __doc__, model=None, epochs=8, batch_size=16, lr=None, warmup_epochs=0.2,
+                      weight_decay=0.05, input_size=32)
+    p.add_argument("--blr", type=float, default=None, help="base lr: lr = blr * batch_size * world / 256 when "
+                   "--lr is not given (default: the paper's 1.6e-3 for base/large/huge; tiny uses lr 1.5e-3)")
+    p.add_argument("--mask_ratio", type=float, default=0.9, help="fraction of spacetime tokens removed (paper 0.9)")
+    p.add_argument("--mask_type", default="random", choices=["random", "tube"],
+                   help="random: spacetime-agnostic (MAE-ST); tube: space-only, same in every time slice")
+    p.add_argument("--norm_pix_loss", action="store_true", help="per-patch normalised pixel targets")
+    p.add_argument("--num_frames", type=int, default=None, help="frames per clip (tiny 8, paper 16)")
+    p.add_argument("--sampling_rate", type=int, default=None, help="frame stride (default 4 with --data, as "
+                   "the paper's 16x4; 1 on the synthetic videos)")
+    p.add_argument("--repeat_aug", type=int, default=2, help="clips taken from each decoded video (paper 4)")
+    p.add_argument("--t_patch_size", type=int, default=None, help="frames per token (2)")
+    p.add_argument("--pred_t_dim", type=int, default=None, help="frames predicted (default num_frames/t_patch)")
+    p.add_argument("--decoder_embed_dim", type=int, default=None)
+    p.add_argument("--decoder_depth", type=int, default=None)
+    p.add_argument("--decoder_num_heads", type=int, default=None)
+    p.add_argument("--no_qkv_bias", action="store_true")
+    args = p.parse_args(argv)
+    if args.model is not None and args.model not in PRESETS:
+        C.die(f"--model {args.model}: unknown; choose from {', '.join(PRESETS)}")
+    if not 0 <= args.mask_ratio < 1:
+        C.die(f"--mask_ratio {args.mask_ratio}: must be in [0, 1)")
+    run = C.init_run(args)
+    if args.smoke:
+        return run_smoke(args, run)
+    if args.bench:
+        return bench(args, run)
+
+    args.model = args.model or "tiny"
+    args.sampling_rate = args.sampling_rate or (1 if args.data is None else 4)
+    overrides = {k: getattr(args, k) for k in ("num_frames", "t_patch_size", "pred_t_dim", "decoder_embed_dim",
+                                               "decoder_depth", "decoder_num_heads") if getattr(args, k) is not None}
+    try:
+        model = create_model(args.model, img_size=args.input_size, norm_pix_loss=args.norm_pix_loss,
+                             mask_type=args.mask_type, no_qkv_bias=args.no_qkv_bias, **overrides)
+    except AssertionError:
+        C.die(f"--input_size {args.input_size} / --num_frames must be divisible by the patch size "
+              f"{PRESETS[args.model]['patch_size']} / --t_patch_size")
+    if args.weights:
+        load_weights(model, args.weights, run)
+    model.to(run.device)
+    if args.lr is None and args.blr is None and args.model == "tiny":
+        args.lr = 1.5e-3                                            # a one-minute CPU run needs a large step
+    elif args.lr is None:                                           # mae_st: clips per step x repeat_aug not counted
+        args.lr = (args.blr or 1.6e-3) * args.batch_size * run.world_size / 256
+    C.log(run, f"MAE-ST {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+               f"{model.patch_embed.num_patches} tokens per clip, {int(model.patch_embed.num_patches * (1 - args.mask_ratio))} "
+               f"visible at mask {args.mask_ratio} ({args.mask_type}); lr {args.lr:.2e}")
+
+    train_ds, val_ds, classes = C.video_data(args, model.num_frames, args.sampling_rate, args.repeat_aug)
+    feat_train_ds = copy.copy(train_ds)                             # the training videos, as evaluated:
+    feat_train_ds.train, feat_train_ds.repeat = False, 1            # one centred clip, no augmentation
+    labelled = len(classes) >= 2
+
+    init = evaluate(model, val_ds, feat_train_ds, args, run, labelled)
+    C.log(run, "at init: " + "  ".join(f"{k} {v:.4f}" for k, v in init.items() if v is not None))
+    loader = C.make_loader(train_ds, args, run, train=True)
+    groups = C.param_groups(model, args.weight_decay)
+    model, history = C.fit(model, make_loss_fn(args), loader, args, run, groups=groups, betas=(0.9, 0.95))
+    final = evaluate(model, val_ds, feat_train_ds, args, run, labelled)
+    if run.is_main:
+        C.log(run, "picture:", save_reconstructions(model, val_ds, args, run))
+    figures = {}
+    for k in ("val_loss", "probe_acc", "knn_acc"):
+        figures[k], figures[k + "_init"] = final[k], init[k]
+    return C.write_metrics(args, run, history, mask_type=args.mask_type, mask_ratio=args.mask_ratio, **figures)
+
+
+if __name__ == "__main__":
+    main()
