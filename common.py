@@ -499,7 +499,7 @@ def make_loader(ds, args, run, train, collate_fn=None, batch_size=None):
     sampler = DistributedSampler(ds, shuffle=train, drop_last=drop) if run.distributed else None
     return DataLoader(ds, bs, shuffle=train and sampler is None, sampler=sampler, drop_last=drop,
                       num_workers=args.num_workers or 0, collate_fn=collate_fn,
-                      pin_memory=run.device.type == "cuda", persistent_workers=bool(args.num_workers))
+                      pin_memory=run.device.type == "cuda")  # fresh workers each epoch: exact --resume
 
 def to_device(x, device):
     if isinstance(x, torch.Tensor):

@@ -537,7 +537,7 @@ def smoke(args, run):
 
 
 def main(argv=None):
-    p = C.make_parser("mae", __doc__, epochs=10, batch_size=32, input_size=None, lr=None, weight_decay=0.05,
+    p = C.make_parser("mae", __doc__, model=None, epochs=10, batch_size=32, input_size=None, lr=None, weight_decay=0.05,
                       warmup_epochs=1)
     p.add_argument("--mask_ratio", type=float, default=0.75, help="fraction of patches removed")
     p.add_argument("--norm_pix_loss", action="store_true", help="per-patch normalized pixels as targets")
@@ -551,6 +551,7 @@ def main(argv=None):
     p.add_argument("--bench_batch", type=int, default=8)
     p.add_argument("--bench_reps", type=int, default=3)
     args = p.parse_args(argv)
+    args.model = args.model or ("base" if args.bench else "tiny")  # --bench measures base unless told otherwise
     if args.model not in PRESETS:
         C.die(f"unknown --model {args.model!r}; choose from {', '.join(PRESETS)}")
     args.input_size = args.input_size or PRESETS[args.model]["img_size"]

@@ -1,0 +1,533 @@
+"""Reversible Vision Transformers: activation memory that does not grow with depth.
+
+Paper: Karttikeya Mangalam, Haoqi Fan, Yanghao Li, Chao-Yuan Wu, Bo Xiong, Christoph Feichtenhofer,
+Jitendra Malik, "Reversible Vision Transformers", CVPR 2022, arXiv 2302.04869.
+Official code: facebookresearch/SlowFast (slowfast/models/reversible_mvit.py, MViT with
+MVIT.REV.ENABLE); minimal version: karttikeya/minREV (rev.py).
+
+The idea. Ordinary backprop keeps every block's activations from the forward pass until the
+backward pass uses them, so activation memory grows linearly with depth. A reversible block keeps
+two residual streams X1, X2 (the patch tokens duplicated at the start) and updates them in turn,
+    Y1 = X1 + F(X2)        F = LayerNorm + attention
+    Y2 = X2 + G(Y1)        G = LayerNorm + MLP
+which can be undone exactly:
+    X2 = Y2 - G(Y1)
+    X1 = Y1 - F(X2).
+Training therefore keeps only the LAST block's outputs. The backward pass walks the blocks in
+reverse: it rebuilds each block's inputs from its outputs, recomputing F and G with autograd on to
+get their gradients, then throws that block's graph away. Activation memory is constant in depth
+(paper: up to 15.5x less at the same FLOPs, parameters and accuracy) for the price of one extra
+forward computation of every block. Anything random in F or G (here drop path) must be replayed
+exactly in the recomputation, or the inverse and the gradients are wrong.
+
+What this file reproduces in miniature: Rev-ViT with the official parameter names, the custom
+autograd Function with the reversible backward pass, trained with cross-entropy on the synthetic
+shapes (6 classes, 32x32): 0.67 held-out top-1 against 0.17 chance after 16 epochs, about 90 s of
+CPU time. `--vanilla_bp` runs the same blocks with ordinary autograd: the same loss curve (to
+1e-7 over the first 2 epochs). `--bench` measures the paper's claim: the bytes saved for backward
+are flat in depth for reversible backprop and linear for vanilla backprop (tiny model, batch 32,
+depth 24: 1.4 MB vs 195 MB, 139x fewer) for about 1.35x the step time (one extra forward).
+
+Commands:
+    python revvit.py                    # train tiny on synthetic shapes, evaluate, save a picture
+    python revvit.py --smoke            # seconds; the exit status says pass/fail
+    python revvit.py --bench            # activation memory and step time, reversible vs vanilla
+    python revvit.py --data DIR         # your images: DIR/<class>/*.jpg (or DIR/train, DIR/val)
+    python revvit.py --vanilla_bp       # same model, plain autograd backward (for comparison)
+    torchrun --nproc_per_node=2 revvit.py --data DIR
+    python revvit.py --model base --input_size 224 --weights REV_VIT_B.pyth --data IMAGENET --epochs 0
+        (evaluates the official SlowFast checkpoint REV_VIT_B.pyth / REV_VIT_S.pyth, whose
+        `model_state` names and shapes this model follows (199 tensors for B); on data with other
+        classes the 1000-class head is replaced and --epochs N fine-tunes)
+
+Departures from the official code (SlowFast), and why:
+- Randomness. SlowFast draws a fresh seed (torch.seed() / the CUDA generator) before F, before the
+  drop path and before G, and calls torch.manual_seed with it, which reseeds the global RNG of
+  every device. Here each block draws one seed per step from the global generator (so a run is
+  reproducible from --seed) and the drop-path mask comes from a private torch.Generator seeded
+  with it. F and G have no other randomness (dropout is 0 in every official config), so one seed
+  per block is all that must be replayed. As in SlowFast, F and G share one drop-path mask.
+- Parameter gradients. SlowFast calls .backward() inside the Function's backward, so the
+  parameter grads are accumulated into .grad behind the outer autograd graph's back. Here the
+  parameters are extra inputs of the Function, and its backward returns their gradients (from
+  torch.autograd.grad). The numbers are the same; DistributedDataParallel (including
+  find_unused_parameters), gradient hooks and gradcheck then see an ordinary autograd node.
+- Mixed precision. SlowFast recomputes outside autocast (users saw noisier losses, SlowFast#641).
+  Here the Function records the autocast state of the forward pass and re-enters it for the
+  recomputation, so the backward recomputes in the precision the forward used (minREV does the
+  same by putting autocast inside F and G).
+- The head returns logits in eval mode too (SlowFast's TransformerBasicHead applies softmax).
+- Loss and recipe: plain cross-entropy, no mixup / cutmix / RandAugment / label smoothing /
+  random erasing (the official DeiT-style recipe is for 300 ImageNet epochs; the synthetic data
+  has 2000 images). Defaults: 16 epochs, batch 32, AdamW lr 1e-3 (a tiny model and few steps;
+  official 5e-4 per 512 images), weight decay 0.05 (Rev-ViT-S), 1 warmup epoch, no gradient
+  clipping (official: 2.0 for Rev-ViT-B; `--clip_grad 2`).
+- pos_embed is not interpolated to other input sizes: the model is built for --input_size.
+- Rev-MViT (non-reversible stage-transition blocks, stream fusion) is not included: Rev-ViT only.
+- The `tiny` preset is ours (32x32 images, patch 4, width 64, depth 4, 4 heads); `small` and `base` are
+  the paper's Rev-ViT-S and Rev-ViT-B.
+- Initialisation follows SlowFast's quirks: trunc-normal(0.02) weights, Linear and LayerNorm
+  biases set to 0.02.
+"""
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch.nn.functional import cross_entropy, scaled_dot_product_attention
+
+import common as C
+
+# ================================================================== model: ordinary building blocks
+
+
+class Mlp(nn.Module):
+    """fc1 (D -> 4D) -> GELU -> fc2 (4D -> D)."""
+
+    def __init__(self, dim, hidden_dim):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with separate q, k, v projections (SlowFast SEPARATE_QKV: True)."""
+
+    def __init__(self, dim, num_heads, qkv_bias=True):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.k = nn.Linear(dim, dim, bias=qkv_bias)
+        self.v = nn.Linear(dim, dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):  # (B, N, D)
+        B, N, D = x.shape
+        h = self.num_heads
+        q = self.q(x).reshape(B, N, h, D // h).transpose(1, 2)  # (B, h, N, D/h)
+        k = self.k(x).reshape(B, N, h, D // h).transpose(1, 2)  # (B, h, N, D/h)
+        v = self.v(x).reshape(B, N, h, D // h).transpose(1, 2)  # (B, h, N, D/h)
+        x = scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(D/h)) v, (B, h, N, D/h)
+        x = x.transpose(1, 2).reshape(B, N, D)  # (B, N, D)
+        return self.proj(x)
+
+
+class AttentionSubBlock(nn.Module):
+    """F = LayerNorm + attention (no residual: the reversible block adds it)."""
+
+    def __init__(self, dim, num_heads, qkv_bias=True):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, qkv_bias)
+
+    def forward(self, x):
+        return self.attn(self.norm(x))
+
+
+class MLPSubblock(nn.Module):
+    """G = LayerNorm + MLP (no residual: the reversible block adds it)."""
+
+    def __init__(self, dim, mlp_ratio=4.0):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x):
+        return self.mlp(self.norm(x))
+
+
+def drop_path(x, p, generator):
+    """Stochastic depth: zero the branch x (B, N, D) for a random fraction p of the samples and scale
+    the kept ones by 1 / (1 - p). The mask is drawn from `generator`, so it can be drawn again."""
+    keep = 1.0 - p
+    u = torch.rand(x.shape[0], 1, 1, generator=generator, device=x.device)  # (B, 1, 1), float32 always
+    return x * (u < keep).to(x.dtype) / keep
+
+
+def new_seed():
+    """A seed for one block's drop-path mask, drawn from the global generator (reproducible)."""
+    return int(torch.randint(0, 2 ** 62, ()).item())
+
+
+# ================================================================== the paper's idea: reversible blocks
+#
+#   forward                                  inverse, used by the backward pass
+#   Y1 = X1 + F(X2)                          X2 = Y2 - G(Y1)
+#   Y2 = X2 + G(Y1)                          X1 = Y1 - F(X2)
+#
+# The backward pass never needs the stored X1, X2: it rebuilds them from Y1, Y2 and recomputes
+# F(X2) and G(Y1) on the way, with the same drop-path masks (same seeds) as the forward pass.
+
+
+class ReversibleBlock(nn.Module):
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, drop_path_rate=0.0):
+        super().__init__()
+        self.F = AttentionSubBlock(dim, num_heads, qkv_bias)
+        self.G = MLPSubblock(dim, mlp_ratio)
+        self.drop_path_rate = drop_path_rate
+        self.seed = None  # drawn at every training forward, replayed by inverse() and backward_pass()
+        self.replay_seeds = True  # False only to see what goes wrong without the replay (tests)
+
+    def dropped(self, branch, seed):
+        """DropPath on a branch output; one seed gives one mask, shared by F and G (as SlowFast)."""
+        if not self.training or self.drop_path_rate == 0.0:
+            return branch
+        return drop_path(branch, self.drop_path_rate, torch.Generator(device=branch.device).manual_seed(seed))
+
+    def forward(self, X1, X2):  # (B, N, D) each
+        self.seed = new_seed()
+        Y1 = X1 + self.dropped(self.F(X2), self.seed)  # Y1 = X1 + F(X2)
+        Y2 = X2 + self.dropped(self.G(Y1), self.seed)  # Y2 = X2 + G(Y1)
+        return Y1, Y2
+
+    @torch.no_grad()
+    def inverse(self, Y1, Y2):
+        """The block's inputs from its outputs (for the last forward's seed)."""
+        X2 = Y2 - self.dropped(self.G(Y1), self.seed)  # X2 = Y2 - G(Y1)
+        X1 = Y1 - self.dropped(self.F(X2), self.seed)  # X1 = Y1 - F(X2)
+        return X1, X2
+
+    def backward_pass(self, Y1, Y2, dY1, dY2):
+        """Given the block's outputs Y1, Y2 and the loss gradients dY1, dY2 w.r.t. them, returns the
+        inputs X1, X2, the gradients dX1, dX2 w.r.t. the inputs, and the gradients of this block's
+        parameters (in self.parameters() order: F's, then G's).
+        Chain rule through Y1 = X1 + F(X2), Y2 = X2 + G(Y1):
+            dX1 = dY1 + (dG/dY1)^T dY2         (Y1 reaches the loss directly and through G)
+            dX2 = dY2 + (dF/dX2)^T dX1         (X2 reaches the loss directly and through F)"""
+        seed = self.seed if self.replay_seeds else new_seed()
+        # 1) recompute G(Y1) with a graph, backprop dY2 through it: G's grads and (dG/dY1)^T dY2
+        with torch.enable_grad():
+            Y1 = Y1.detach().requires_grad_(True)
+            g = self.dropped(self.G(Y1), seed)  # G(Y1)
+            dY1_via_G, *dG = grads_of(g, [Y1, *self.G.parameters()], dY2)
+        with torch.no_grad():
+            X2 = Y2 - g  # X2 = Y2 - G(Y1)
+            dX1 = dY1 + dY1_via_G  # dX1 = dY1 + (dG/dY1)^T dY2
+        del g
+        # 2) recompute F(X2) with a graph, backprop dX1 through it: F's grads and (dF/dX2)^T dX1
+        with torch.enable_grad():
+            X2 = X2.detach().requires_grad_(True)
+            f = self.dropped(self.F(X2), seed)  # F(X2)
+            dX2_via_F, *dF = grads_of(f, [X2, *self.F.parameters()], dX1)
+        with torch.no_grad():
+            X1 = Y1.detach() - f  # X1 = Y1 - F(X2)
+            dX2 = dY2 + dX2_via_F  # dX2 = dY2 + (dF/dX2)^T dX1
+        return X1, X2.detach(), dX1, dX2, dF + dG
+
+
+def grads_of(output, inputs, grad_output):
+    """torch.autograd.grad of `output` (weighted by grad_output) w.r.t. those `inputs` that require
+    grad; None for the others (frozen parameters)."""
+    need = [t for t in inputs if t.requires_grad]
+    got = iter(torch.autograd.grad(output, need, grad_output))
+    return [next(got) if t.requires_grad else None for t in inputs]
+
+
+class RevBackProp(torch.autograd.Function):
+    """Runs a stack of reversible blocks without keeping their activations, and backpropagates
+    through it by reconstructing them block by block in reverse.
+    apply(x, blocks, *params): x (B, N, 2D) = cat(X1, X2); params = blocks.parameters(), passed in
+    so that autograd (and DDP) receive their gradients as this node's output."""
+
+    @staticmethod
+    def forward(ctx, x, blocks, *params):  # runs with grad disabled: no graph is built
+        X1, X2 = x.detach().chunk(2, dim=-1)  # (B, N, D) each
+        for blk in blocks:
+            X1, X2 = blk(X1, X2)
+        Y = torch.cat([X1, X2], dim=-1)  # (B, N, 2D)
+        ctx.save_for_backward(Y)  # the ONLY activation kept: the last block's outputs
+        ctx.blocks = blocks
+        dev = x.device.type  # the recomputation must run in the forward's precision
+        ctx.amp = (dev, torch.get_autocast_dtype(dev), torch.is_autocast_enabled(dev))
+        return Y
+
+    @staticmethod
+    def backward(ctx, dY):  # (B, N, 2D)
+        (Y,) = ctx.saved_tensors
+        Y1, Y2 = Y.detach().chunk(2, dim=-1)  # (B, N, D) each
+        dY1, dY2 = dY.chunk(2, dim=-1)  # (B, N, D) each
+        param_grads = []
+        dev, dtype, enabled = ctx.amp
+        with torch.autocast(dev, dtype=dtype, enabled=enabled):
+            for blk in reversed(ctx.blocks):
+                Y1, Y2, dY1, dY2, grads = blk.backward_pass(Y1, Y2, dY1, dY2)  # now the block's inputs
+                param_grads = grads + param_grads
+        return torch.cat([dY1, dY2], dim=-1), None, *param_grads
+
+
+# ================================================================== the full model and its presets
+
+
+class RevViT(nn.Module):
+    """patch embedding + abs. position -> duplicate into two streams -> reversible blocks ->
+    LayerNorm over 2D -> mean over tokens -> linear. Attribute names follow SlowFast's MViT with
+    MVIT.REV.ENABLE, so its Rev-ViT checkpoints (`model_state`) load key for key."""
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, embed_dim=768, depth=12,
+                 num_heads=12, mlp_ratio=4.0, qkv_bias=True, drop_path_rate=0.2):
+        super().__init__()
+        self.patch_embed = nn.Module()  # plain containers: they exist for SlowFast's parameter names
+        self.patch_embed.proj = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size)
+        self.pos_embed = nn.Parameter(torch.zeros(1, (img_size // patch_size) ** 2, embed_dim))
+        dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # stochastic depth grows with depth
+        self.rev_backbone = nn.Module()
+        self.rev_backbone.layers = nn.ModuleList(
+            ReversibleBlock(embed_dim, num_heads, mlp_ratio, qkv_bias, dpr[i]) for i in range(depth))
+        self.norm = nn.LayerNorm(2 * embed_dim, eps=1e-6)
+        self.head = nn.Module()
+        self.head.projection = nn.Linear(2 * embed_dim, num_classes)
+        self.no_custom_backward = False  # True: plain autograd through the same blocks (--vanilla_bp)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        self.apply(init_weights)
+
+    def blocks(self, x):  # (B, N, D) -> (B, N, 2D)
+        x = torch.cat([x, x], dim=-1)  # X1 = X2 = x, (B, N, 2D)
+        layers = self.rev_backbone.layers
+        if self.training and not self.no_custom_backward:
+            return RevBackProp.apply(x, layers, *layers.parameters())
+        X1, X2 = x.chunk(2, dim=-1)  # vanilla: autograd stores every block's activations
+        for blk in layers:
+            X1, X2 = blk(X1, X2)
+        return torch.cat([X1, X2], dim=-1)  # (B, N, 2D)
+
+    def forward(self, img):  # (B, 3, H, W) -> logits (B, classes)
+        x = self.patch_embed.proj(img).flatten(2).transpose(1, 2)  # (B, N, D)
+        x = x + self.pos_embed  # (B, N, D)
+        x = self.blocks(x)  # (B, N, 2D) = cat(Y1, Y2) of the last block
+        x = self.norm(x).mean(1)  # LN over 2D, then "concat" fusion (identity) and mean, (B, 2D)
+        return self.head.projection(x)  # (B, classes)
+
+
+def init_weights(m):
+    """SlowFast MViT._init_weights: trunc-normal(0.02) weights; Linear and LayerNorm biases 0.02."""
+    if isinstance(m, (nn.Linear, nn.Conv2d)):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.constant_(m.bias, 0.02)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.constant_(m.weight, 1.0)
+        nn.init.constant_(m.bias, 0.02)
+
+
+PRESETS = {
+    # ours: 32x32 images, 8x8 = 64 tokens, 0.21M parameters
+    "tiny": dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4, drop_path_rate=0.1, num_classes=6),
+    # Rev-ViT-S (SlowFast configs/ImageNet/REV_VIT_S.yaml): 22M params, 4.6 GFLOPs, 79.9% IN-1K
+    "small": dict(img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6, drop_path_rate=0.1,
+                  num_classes=1000),
+    # Rev-ViT-B (configs/ImageNet/REV_VIT_B.yaml): 87M params, 17.6 GFLOPs, 81.8% IN-1K
+    "base": dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, drop_path_rate=0.2,
+                 num_classes=1000),
+}
+
+
+def create_model(name="tiny", **overrides):
+    if name not in PRESETS:
+        C.die(f"unknown --model {name!r}; choose one of {', '.join(PRESETS)}")
+    return RevViT(**{**PRESETS[name], **overrides})
+
+
+# ================================================================== loss
+
+
+def loss_fn(model, batch):
+    images, labels = batch  # (B, 3, S, S), (B,)
+    return cross_entropy(model(images), labels)
+
+
+# ================================================================== data glue
+
+
+def load_data(args):
+    sizes = dict(n_train=64, n_val=16) if args.smoke else {}  # the smoke test needs one small batch
+    train_ds, val_ds, classes = C.image_data(args, **sizes)
+    if not classes:
+        C.die(f"{args.data}: revvit.py trains a classifier and needs class folders (DIR/<class>/*.jpg); "
+              f"found a flat folder of images (or only one class)")
+    return train_ds, val_ds, classes
+
+
+def load_weights(model, path, run):
+    """Our checkpoint.pt or an official SlowFast .pyth (weights under `model_state`). A head of
+    another number of classes (e.g. the 1000 ImageNet classes) is dropped and kept freshly made."""
+    state = C.unwrap_state(C.load_checkpoint(path))
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        C.die(f"{path}: does not hold a state dict of tensors")
+    head, own = state.get("head.projection.weight"), model.head.projection.weight
+    if head is not None and head.ndim == 2 and head.shape[1] == own.shape[1] and head.shape[0] != own.shape[0]:
+        C.log(run, f"{path}: its head has {head.shape[0]} classes, this data {own.shape[0]}: the head is re-initialised")
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}
+        C.load_state(model, state, path, allow_missing=("head.",))
+    else:
+        C.load_state(model, state, path)
+    C.log(run, f"loaded {len(state)} tensors from {path}")
+
+
+# ================================================================== train, evaluate, bench, smoke
+
+
+@torch.no_grad()
+def evaluate(model, loader, run):
+    """Held-out top-1 accuracy (summed over DDP ranks), and the first batch's images/predictions."""
+    model.eval()
+    correct = total = 0
+    first = None
+    for images, labels in loader:
+        images, labels = images.to(run.device), labels.to(run.device)
+        with C.autocast(run):
+            pred = model(images).argmax(1)
+        correct += (pred == labels).sum().item()
+        total += len(labels)
+        first = first or (images[:12].cpu(), pred[:12].cpu(), labels[:12].cpu())
+    if run.distributed:
+        t = torch.tensor([correct, total], dtype=torch.float64, device=run.device)
+        torch.distributed.all_reduce(t)
+        correct, total = t.tolist()
+    return correct / max(total, 1), first
+
+
+def saved_bytes(fn, params=()):
+    """(bytes, fn()) where bytes counts the distinct storages autograd saves for backward while fn()
+    runs (the activation memory of backprop), parameters excluded. Counting storages, not tensors,
+    avoids counting twice a tensor that several ops save."""
+    skip = {p.untyped_storage().data_ptr() for p in params}
+    seen = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in skip:
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(seen.values()), out
+
+
+def bench(args, run):
+    """The paper's claim on this machine: bytes saved for backward (and peak CUDA memory on a GPU)
+    and the time of one training step, reversible vs vanilla backprop, at depths 4, 8, 16, 24."""
+    B, S = args.batch_size, args.input_size
+    g = torch.Generator().manual_seed(args.seed)
+    x = torch.randn(B, 3, S, S, generator=g).to(run.device)
+    y = torch.randint(0, 6, (B,), generator=g).to(run.device)
+    cuda = run.device.type == "cuda"
+    C.log(run, f"bench: model {args.model}, batch {B}, {S}x{S} images, {run.device}"
+               f"{', ' + args.precision if run.amp_dtype else ''}; times on a shared machine are rough")
+    C.log(run, f"{'depth':>5} {'rev MB':>8} {'vanilla MB':>11} {'ratio':>6} {'rev s/step':>11} "
+               f"{'van s/step':>11} {'time x':>7} {'grad rel diff':>14}"
+               + (f" {'rev peak MB':>12} {'van peak MB':>12}" if cuda else ""))
+    rows = []
+    for depth in (4, 8, 16, 24):
+        torch.manual_seed(args.seed)
+        model = create_model(args.model, depth=depth, img_size=S, num_classes=6).to(run.device).train()
+        params = list(model.parameters())
+        r = {}
+        for mode in ("rev", "van"):
+            model.no_custom_backward = mode == "van"
+
+            def step():
+                model.zero_grad(set_to_none=True)
+                with C.autocast(run):
+                    loss = loss_fn(model, (x, y))
+                loss.backward()
+
+            with C.autocast(run):
+                r[mode + "_bytes"], _ = saved_bytes(lambda: loss_fn(model, (x, y)), params)
+            torch.manual_seed(1)  # same drop-path masks in both modes for the gradient comparison
+            step()
+            r[mode + "_grads"] = [p.grad.float().clone() for p in params]
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+                step()
+                r[mode + "_peak"] = torch.cuda.max_memory_allocated() / 2 ** 20
+            r[mode + "_time"] = C.benchmark(step, run, warmup=1, reps=3)
+        rev_g, van_g = (torch.cat([g.flatten() for g in r[k]]) for k in ("rev_grads", "van_grads"))
+        diff = ((rev_g - van_g).norm() / van_g.norm()).item()  # over all parameters together
+        ratio = r["van_bytes"] / r["rev_bytes"]
+        rows.append((depth, ratio, r["rev_bytes"], r["van_bytes"], r["rev_time"] / r["van_time"]))
+        C.log(run, f"{depth:>5} {r['rev_bytes'] / 2 ** 20:>8.2f} {r['van_bytes'] / 2 ** 20:>11.2f} {ratio:>5.1f}x "
+                   f"{r['rev_time']:>11.3f} {r['van_time']:>11.3f} {r['rev_time'] / r['van_time']:>6.2f}x {diff:>14.1e}"
+                   + (f" {r['rev_peak']:>12.1f} {r['van_peak']:>12.1f}" if cuda else ""))
+        del model, r
+    depth, ratio, rev, van, slower = rows[-1]
+    C.log(run, f"bench: at depth {depth} reversible backprop saves {ratio:.1f}x fewer activation bytes than vanilla "
+               f"({rev / 2 ** 20:.2f} MB vs {van / 2 ** 20:.2f} MB; flat in depth vs linear) for {slower:.2f}x the "
+               f"step time (paper: up to 15.5x less training memory)")
+    return ratio
+
+
+def memory_picture_row(depths=(2, 4, 8, 16)):
+    """One cell per depth: bars of bytes saved for backward, reversible (blue) vs vanilla (orange),
+    for the tiny model and a batch of 8 images of 32x32 (an illustration, on the CPU, whatever the
+    trained model); texts under the cells."""
+    x = torch.randn(8, 3, 32, 32)
+    counts = []
+    for d in depths:
+        m = create_model("tiny", depth=d).train()
+        pair = []
+        for vanilla in (False, True):
+            m.no_custom_backward = vanilla
+            pair.append(saved_bytes(lambda: m(x).sum(), list(m.parameters()))[0])
+        counts.append(pair)
+    top = max(v for pair in counts for v in pair)
+    S = 32
+    cells, texts = [], []
+    for d, (rev, van) in zip(depths, counts):
+        cell = torch.ones(3, S, S)
+        for k, (v, colour) in enumerate(((rev, (0.2, 0.35, 0.95)), (van, (0.98, 0.55, 0.08)))):
+            h = max(1, round(v / top * (S - 2)))
+            cell[:, S - h:, 6 + k * 12:6 + k * 12 + 8] = torch.tensor(colour)[:, None, None]
+        cells.append(cell)
+        texts.append(f"depth {d}\nrev {rev / 2 ** 20:.2f}MB\nvan {van / 2 ** 20:.2f}MB")
+    return torch.stack(cells), texts
+
+
+def main(argv=None):
+    parser = C.make_parser("revvit", __doc__, epochs=16, batch_size=32, lr=1e-3, weight_decay=0.05,
+                           warmup_epochs=1, input_size=32)
+    parser.add_argument("--drop_path_rate", type=float, default=None, help="default: the preset's")
+    parser.add_argument("--vanilla_bp", action="store_true",
+                        help="plain autograd through the same reversible blocks (stores every activation)")
+    args = parser.parse_args(argv)
+    run = C.init_run(args)
+    if args.bench:
+        return bench(args, run)
+
+    train_ds, val_ds, classes = load_data(args)
+    overrides = dict(img_size=args.input_size, num_classes=len(classes))
+    if args.drop_path_rate is not None:
+        overrides["drop_path_rate"] = args.drop_path_rate
+    model = create_model(args.model, **overrides)
+    model.no_custom_backward = args.vanilla_bp
+    if args.weights:
+        load_weights(model, args.weights, run)
+
+    if args.smoke:
+        images, labels = next(iter(C.make_loader(train_ds, args, run, train=True, batch_size=8)))
+        return C.smoke(model, loss_fn, (images, labels), run, steps=20)
+
+    n_params = sum(p.numel() for p in model.parameters())
+    C.log(run, f"Rev-ViT {args.model}: {n_params / 1e6:.2f}M parameters, depth {len(model.rev_backbone.layers)}, "
+               f"{'vanilla' if args.vanilla_bp else 'reversible'} backprop, {len(train_ds)} train / {len(val_ds)} val images")
+    val_loader = C.make_loader(val_ds, args, run, train=False)
+    acc_init, _ = evaluate(model.to(run.device), val_loader, run)
+    model, history = C.fit(model, loss_fn, C.make_loader(train_ds, args, run, train=True), args, run)
+    acc, (images, pred, labels) = evaluate(model, val_loader, run)
+    C.log(run, f"held-out top-1 accuracy {acc:.3f} (before training {acc_init:.3f}, chance {1 / len(classes):.3f})")
+    if run.is_main:
+        name = lambda i: str(classes[i])[:10]
+        bars, bar_texts = memory_picture_row()
+        path = C.save_grid(Path(args.out) / "revvit.png", [C.denormalize(images), bars],
+                           [[f"{name(p)}\n{'ok' if p == l else 'true: ' + name(l)}" for p, l in zip(pred, labels)],
+                            bar_texts])
+        C.log(run, f"saved {path}: held-out predictions; saved-for-backward bytes, reversible (blue) vs vanilla (orange)")
+    C.write_metrics(args, run, history, acc=acc, acc_init=acc_init,
+                    backprop="vanilla" if args.vanilla_bp else "reversible")
+
+
+if __name__ == "__main__":
+    main()
