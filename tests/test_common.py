@@ -300,7 +300,7 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
         dist.destroy_process_group()
     """))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           str(script)], capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 0, res.stderr[-2000:]
     assert [(tmp_path / f"rank{r}.ok").read_text() for r in (0, 1)] == ["2", "2"]
