@@ -431,15 +431,9 @@ def throughput(model, images, run, r, warmup=1, reps=3):
 # CPU attention kernel (aten._scaled_dot_product_flash_attention_for_cpu), so add them by hand ---
 @torch.no_grad()
 def counted_flops(model, images, r):
-    """FLOPs of one forward as counted by C.count_flops, plus q k^T and A v where SDPA is not counted."""
+    """FLOPs of one forward, counted by C.count_flops (which also counts the fused attention on CPU)."""
     model.eval()
-    flops = C.count_flops(lambda: model(images, r=r))
-    q = torch.zeros(1, 1, 4, 8, device=images.device)
-    if C.count_flops(lambda: F.scaled_dot_product_attention(q, q, q)) == 0:
-        D = model.pos_embed.shape[-1]
-        counts = token_counts(model.pos_embed.shape[1], parse_r(len(model.blocks), r))
-        flops += sum(2 * 2 * len(images) * n * n * D for n in counts[:-1])  # 2 matmuls of N x N x D
-    return flops
+    return C.count_flops(lambda: model(images, r=r))
 
 
 def bench(args, run):
