@@ -493,10 +493,11 @@ def caption_data(args, n_train=2000, n_val=500):
     """(train_ds, val_ds, classes) of (image, caption, label): synthetic captions or NAME.jpg + NAME.txt."""
     return image_data(args, n_train, n_val, captions=True)
 
-def make_loader(ds, args, run, train, collate_fn=None, batch_size=None):
+def make_loader(ds, args, run, train, collate_fn=None, batch_size=None, whole=False):
+    """Under torchrun each process gets its share of ds, unless whole=True (evaluation on one rank)."""
     bs = batch_size or args.batch_size
     drop = train and len(ds) > bs * run.world_size
-    sampler = DistributedSampler(ds, shuffle=train, drop_last=drop) if run.distributed else None
+    sampler = DistributedSampler(ds, shuffle=train, drop_last=drop) if run.distributed and not whole else None
     return DataLoader(ds, bs, shuffle=train and sampler is None, sampler=sampler, drop_last=drop,
                       num_workers=args.num_workers or 0, collate_fn=collate_fn,
                       pin_memory=run.device.type == "cuda")  # fresh workers each epoch: exact --resume

@@ -90,7 +90,6 @@ Departures from MAE's code and other simplifications, with reasons:
 """
 import math
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -592,11 +591,6 @@ def load_weights(model, path):
               f"initialization", flush=True)
 
 
-def local_view(run):
-    """The run as seen by one process: evaluation loaders cover the whole held-out set."""
-    return SimpleNamespace(**{**vars(run), "distributed": False})
-
-
 @torch.no_grad()
 def heldout_loss(model, loader, args, run):
     """The training loss on the held-out images, with fixed masks, timesteps and noise."""
@@ -634,10 +628,9 @@ def encoder_features(model, imgs):
 
 def probe(model, train_ds, val_ds, args, run):
     model.eval()
-    local = local_view(run)
     f = lambda x: encoder_features(model, x)
-    Xtr, ytr = C.extract_features(f, C.make_loader(train_ds, args, local, train=False), run)
-    Xva, yva = C.extract_features(f, C.make_loader(val_ds, args, local, train=False), run)
+    Xtr, ytr = C.extract_features(f, C.make_loader(train_ds, args, run, train=False, whole=True), run)
+    Xva, yva = C.extract_features(f, C.make_loader(val_ds, args, run, train=False, whole=True), run)
     return C.linear_probe(Xtr, ytr, Xva, yva)
 
 
@@ -670,7 +663,7 @@ def save_picture(model, val_ds, args, run, path, n=3):
 
 
 def evaluate(model, train_ds, val_ds, classes, args, run):
-    figures = dict(val_loss=heldout_loss(model, C.make_loader(val_ds, args, local_view(run), train=False),
+    figures = dict(val_loss=heldout_loss(model, C.make_loader(val_ds, args, run, train=False, whole=True),
                                          args, run))
     imgs = torch.stack([val_ds[i][0] for i in range(min(args.eval_images, len(val_ds)))])
     psnr1 = detail1 = psnr = detail = 0.0
@@ -693,8 +686,7 @@ def train(args, run):
     model.to(run.device)
     init = {}
     if run.is_main:  # the same model before training, for comparison
-        local = local_view(run)
-        init["val_loss_init"] = heldout_loss(model, C.make_loader(val_ds, args, local, train=False), args, run)
+        init["val_loss_init"] = heldout_loss(model, C.make_loader(val_ds, args, run, train=False, whole=True), args, run)
         if len(classes) > 1:
             init["probe_acc_init"] = probe(model, train_ds, val_ds, args, run)
         C.log(run, "at initialization: " + "  ".join(f"{k} {v:.4f}" for k, v in init.items()))

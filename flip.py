@@ -77,7 +77,6 @@ import math
 import re
 import time
 from collections import Counter
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -459,8 +458,7 @@ def class_embeddings(model, tokenizer, classes, templates, device):
 def evaluate(model, val_ds, tokenizer, classes, templates, args, run, retrieval=True):
     """Zero-shot accuracy on held-out images (every patch visible) and retrieval recall@1/5."""
     model.eval()
-    local = SimpleNamespace(**{**vars(run), "distributed": False})  # every rank sees all of val
-    loader = C.make_loader(TokenizedCaptions(val_ds, tokenizer), args, local, train=False)
+    loader = C.make_loader(TokenizedCaptions(val_ds, tokenizer), args, run, train=False, whole=True)  # all of val
     zi, zt, labels = [], [], []
     for imgs, tokens, y in loader:
         with C.autocast(run):

@@ -342,8 +342,8 @@ def heldout_loss(model, loader, args, run):
 def probe(model, train_ds, val_ds, args, run):
     """Linear-probe and kNN accuracy of the frozen encoder on the labelled held-out split."""
     model.eval()
-    tr = C.make_loader(train_ds, args, run, train=False)
-    va = C.make_loader(val_ds, args, run, train=False)
+    tr = C.make_loader(train_ds, args, run, train=False, whole=True)
+    va = C.make_loader(val_ds, args, run, train=False, whole=True)
     f = lambda x: encoder_features(model, x)
     (Xtr, ytr), (Xva, yva) = C.extract_features(f, tr, run), C.extract_features(f, va, run)
     return C.linear_probe(Xtr, ytr, Xva, yva), C.knn_accuracy(Xtr, ytr, Xva, yva)
@@ -403,7 +403,7 @@ def pretrain(args, run):
     if args.weights:
         load_pretrained(model, args.weights)
     model.to(run.device)
-    val_loader = C.make_loader(val_ds, args, run, train=False)
+    val_loader = C.make_loader(val_ds, args, run, train=False, whole=True)
     labelled = len(classes) > 1
     init = {}
     if run.is_main:  # the same model before training, for comparison
@@ -464,7 +464,7 @@ def finetune(args, run):
         model.eval()
         correct = n = 0
         with torch.no_grad():
-            for x, y in C.make_loader(val_ds, args, run, train=False):
+            for x, y in C.make_loader(val_ds, args, run, train=False, whole=True):
                 with C.autocast(run):
                     correct += (model(x.to(run.device)).argmax(1).cpu() == y).sum().item()
                 n += len(y)
