@@ -4,7 +4,7 @@ Sections: command line and run set-up / the synthetic "shapes" world / reading f
 transforms / datasets and loaders / optimisation and the shared training loop / checkpoints /
 evaluation, pictures and benchmarks. Each script imports this module as `C`.
 """
-import argparse, json, math, os, random, statistics, time
+import argparse, json, math, os, random, shlex, statistics, sys, tempfile, time
 from contextlib import nullcontext
 from pathlib import Path
 from types import SimpleNamespace
@@ -25,20 +25,28 @@ class DataError(Exception):
 def die(msg):
     raise SystemExit(f"error: {msg}")
 
-def make_parser(script, doc, **defaults):
-    """The flags every script shares (DESIGN.md); `defaults` overrides any default."""
-    p = argparse.ArgumentParser(prog=f"{script}.py", description=(doc or "").strip().split("\n\n")[0])
+class Parser(argparse.ArgumentParser):
+    def parse_args(self, argv=None, namespace=None):
+        args = super().parse_args(argv, namespace)
+        args.argv = list(sys.argv[1:] if argv is None else argv)  # for the --resume command after a Ctrl-C
+        return args
+
+def make_parser(script, doc, presets=None, **defaults):
+    """The flags every script shares (DESIGN.md); `defaults` overrides any default; `presets` (the
+    size names) become the choices of --model. `--help` shows every default."""
+    p = Parser(prog=f"{script}.py", description=(doc or "").strip().split("\n\n")[0],
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
-    a("--data", default=None, help="a folder of your own data (default: the synthetic shapes)")
+    a("--data", default=None, help="a folder of your own data (None: the synthetic shapes)")
     a("--out", default=f"runs/{script}", help="where checkpoint.pt, metrics.json and pictures go")
-    a("--model", default="tiny", help="size preset")
-    a("--epochs", type=int, default=10)
+    a("--model", default="tiny", choices=list(presets) if presets else None, help="size preset")
+    a("--epochs", type=int, default=10, help="training epochs")
     a("--batch_size", type=int, default=64, help="per process")
     a("--lr", type=float, default=1e-3, help="peak learning rate")
-    a("--min_lr", type=float, default=0.0)
-    a("--weight_decay", type=float, default=0.05)
-    a("--warmup_epochs", type=float, default=1)
-    a("--input_size", type=int, default=32)
+    a("--min_lr", type=float, default=0.0, help="learning rate at the end of the cosine")
+    a("--weight_decay", type=float, default=0.05, help="AdamW weight decay")
+    a("--warmup_epochs", type=float, default=1, help="linear warmup (fractional epochs)")
+    a("--input_size", type=int, default=32, help="image side in pixels")
     a("--num_workers", type=int, default=None, help="default: 0 on synthetic data, else up to 8")
     a("--device", default="auto", choices=["auto", "cpu", "cuda"])
     a("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
@@ -46,14 +54,75 @@ def make_parser(script, doc, **defaults):
     a("--seed", type=int, default=0)
     a("--resume", default=None, metavar="PATH", help="continue a run from its checkpoint.pt")
     a("--weights", default=None, metavar="PATH", help="initial weights (ours or the official file)")
-    a("--clip_grad", type=float, default=None)
+    a("--clip_grad", type=float, default=None, help="gradient-norm clipping")
+    a("--eval_max", type=int, default=2000, help="evaluations (held-out figures, probe / kNN features) use at "
+      "most this many items of each set: a fixed seeded subsample of larger sets; 0: all")
     a("--smoke", action="store_true", help="a few steps on a tiny batch: loss finite and falling")
     a("--bench", action="store_true", help="measure the paper's efficiency claim as a ratio")
     p.set_defaults(script=script, **defaults)
     return p
 
-def init_run(args):
-    """Device, precision, seeds, and DistributedDataParallel when started by torchrun."""
+POSITIVE = ("batch_size", "input_size", "n_train", "n_val", "num_frames", "sampling_rate", "repeat_aug",
+            "num_clips", "num_videos", "t_patch_size", "context_length", "eval_images", "T", "sample_steps")
+AT_LEAST_0 = ("epochs", "min_lr", "weight_decay", "warmup_epochs", "num_workers", "eval_max", "smoothing",
+              "drop_path", "drop_path_rate", "unmasked_tune_epochs")
+
+def check_args(args, patch_size=None):
+    """The command line, checked once before any work: one line naming the flag and what it allows."""
+    get = lambda k: getattr(args, k, None)
+    _cache.clear()
+    for k in POSITIVE:
+        if get(k) is not None and not get(k) > 0:
+            die(f"--{k} {get(k)}: must be a positive number")
+    for k in AT_LEAST_0:
+        if get(k) is not None and not get(k) >= 0:
+            die(f"--{k} {get(k)}: must be >= 0")
+    for k in ("lr", "blr", "clip_grad"):
+        if get(k) is not None and not (get(k) > 0 and math.isfinite(get(k))):
+            die(f"--{k} {get(k)}: must be a positive number")
+    if get("mask_ratio") is not None and not 0 <= args.mask_ratio < 1:
+        die(f"--mask_ratio {args.mask_ratio}: must be in [0, 1) (1 would leave nothing visible)")
+    if patch_size and get("input_size") and args.input_size % patch_size:
+        die(f"--input_size {args.input_size}: must be a multiple of the patch size {patch_size}")
+    for k in ("resume", "weights"):  # the files' own problems, at once (their fit to the model: check_resume)
+        if get(k) and not Path(get(k)).expanduser().is_file():
+            die(f"--{k} {get(k)}: no such file")
+        if get(k) and not (get("smoke") or get("bench")):
+            _cache[str(get(k))] = state = load_checkpoint(get(k), need=TRAINING if k == "resume" else ())
+            if k == "weights":
+                unwrap_state(state, get(k))
+            elif isinstance(state.get("args"), dict) and state["args"].get("script") not in (None, args.script):
+                die(f"{args.resume}: written by {state['args']['script']}.py, not {args.script}.py")
+
+def prepare_out(args):
+    """--out made and proven writable before any work; a warning when it holds an earlier run's checkpoint."""
+    out = Path(args.out).expanduser()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        die(f"--out {args.out}: cannot be written ({type(e).__name__}: {e.strerror or e})")
+    ckpt = out / "checkpoint.pt"
+    if ckpt.exists() and not (args.smoke or args.bench) and not (
+            args.resume and Path(args.resume).expanduser().resolve() == ckpt.resolve()):
+        print(f"warning: {ckpt} holds an earlier run's checkpoint; this run replaces it after its first epoch "
+              f"(to continue that run instead: --resume {ckpt}; to keep it: another --out)", flush=True)
+
+def derived_out(args, suffix, source=None):
+    """The --out of a run derived from a checkpoint (e.g. `mae.py --finetune --weights ...`): runs/<script>_<suffix>
+    when --out was not given; never the folder holding `source` (default --weights), whose checkpoint would be lost."""
+    if args.out == f"runs/{args.script}":
+        args.out = f"runs/{args.script}_{suffix}"
+    source = source or getattr(args, "weights", None)
+    if source and Path(args.out).expanduser().resolve() == Path(source).expanduser().resolve().parent:
+        die(f"--out {args.out}: holds {source}, the checkpoint this run starts from; choose another --out")
+    return args.out
+
+def init_run(args, patch_size=None):
+    """Checks the command line (check_args, with the script's patch size when given), then device,
+    precision, seeds, DistributedDataParallel when started by torchrun, and a writable --out."""
+    check_args(args, patch_size)
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     local = int(os.environ.get("LOCAL_RANK", 0))
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -69,7 +138,10 @@ def init_run(args):
     if args.num_workers is None:
         args.num_workers = 0 if args.data is None else min(8, max(0, (os.cpu_count() or 1) // max(world, 1) - 1))
     if rank == 0:
-        os.makedirs(args.out, exist_ok=True)
+        prepare_out(args)
+    if args.precision == "fp16" and not cuda and rank == 0:
+        print("warning: --precision fp16 on a CPU is emulated and runs many times slower than fp32 "
+              "(use fp32, or bf16 where the CPU supports it)", flush=True)
     amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
     return SimpleNamespace(device=device, rank=rank, world_size=world, local_rank=local,
                            distributed=world > 1, is_main=rank == 0, amp_dtype=amp)
@@ -183,80 +255,204 @@ def shapes_videos(n, frames=8, size=32, seed=0):
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 VIDEO_EXTS = (".mp4", ".avi", ".mkv", ".webm", ".mov")
 
+def _rgb_array(im):
+    """Any PIL mode as an 8-bit RGB array at the right scale: 16-bit images (I;16*) by 65535, 32-bit
+    integer ones (I) by 65535 when their values fit in 16 bits (the usual case) else min-max, float
+    ones (F) by 1 when in [0, 1] else min-max; palette transparency and alpha channels are dropped."""
+    if im.mode.startswith("I") or im.mode == "F":
+        a = np.asarray(im).astype(np.float64)
+        lo, hi = a.min(), a.max()
+        if im.mode.startswith("I;16") or (im.mode == "I" and lo >= 0 and hi <= 65535):
+            a = a / 65535
+        elif not (im.mode == "F" and lo >= 0 and hi <= 1):
+            a = (a - lo) / max(hi - lo, 1e-12)
+        im = Image.fromarray((a * 255).round().astype(np.uint8), "L")
+    elif im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    return np.asarray(im.convert("RGB"))
+
 def read_image(path):
-    """An image file as uint8 (3, H, W) RGB; grey, RGBA and palette images are converted."""
+    """An image file as uint8 (3, H, W) RGB; every PIL mode is converted at its scale (_rgb_array)."""
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
-            return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
+            return torch.from_numpy(_rgb_array(im).copy()).permute(2, 0, 1)
     except Exception as e:
         raise DataError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
 
-def read_video(path, short_side=None):
-    """All frames of a video as uint8 (T, 3, H, W), decoded with PyAV (optionally resized so that
-    the short side is `short_side`)."""
-    try:
-        import av
-        with av.open(str(path)) as container:
-            stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
-            frames = []
-            for f in container.decode(stream):
-                if short_side:
-                    k = short_side / min(f.width, f.height)
-                    f = f.reformat(width=max(1, round(f.width * k)), height=max(1, round(f.height * k)))
-                frames.append(torch.from_numpy(f.to_ndarray(format="rgb24")))
-    except Exception as e:
-        raise DataError(f"{path}: not a readable video ({type(e).__name__}: {e})") from None
-    if not frames:
-        raise DataError(f"{path}: the video has no frames")
-    return torch.stack(frames).permute(0, 3, 1, 2)  # (T, H, W, 3) -> (T, 3, H, W)
+class VideoReader:
+    """One video opened with PyAV, read in frame ranges: `read(start, stop)` returns frames start ..
+    stop-1 (fewer where the video ends) as uint8 (T, 3, H, W). It seeks (by timestamp, to the keyframe
+    at or before `start`) only when the range is not just ahead of the previous one, and decodes no
+    further than frame stop-1, so consecutive ranges of a long video cost one pass in total and memory
+    holds one range. A file that cannot seek, or whose frames have no timestamps, is decoded from its
+    start, counting frames. `num_frames` is the header's frame count (None when it has none);
+    `decoded` counts the frames decoded so far."""
 
-def _readable(path, video):
-    try:
-        if video:
+    def __init__(self, path, short_side=None):
+        self.path, self.short_side, self.decoded, self.container = path, short_side, 0, None
+        self._open()
+        s = self.stream
+        self.fps = float(s.average_rate or s.guessed_rate or 0) or None
+        seconds = float(s.duration * s.time_base) if s.duration else (self.container.duration or 0) / 1e6
+        self.num_frames = s.frames or (round(seconds * self.fps) if seconds and self.fps else None)
+        self.seekable = self.fps is not None and self.num_frames is not None  # a raw stream has no timeline
+        self._it, self._head, self._next = None, None, 0
+
+    def _open(self):
+        try:
             import av
-            with av.open(str(path)) as c:
-                return len(c.streams.video) > 0
-        with Image.open(path) as im:
-            im.verify()
-        return True
-    except Exception:
-        return False
+            if self.container is not None:
+                self.container.close()
+            self.container = av.open(str(self.path))
+            self.stream = self.container.streams.video[0]
+            self.stream.thread_type = "AUTO"
+        except Exception as e:
+            raise DataError(f"{self.path}: not a readable video ({type(e).__name__}: {e})") from None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.container.close()
+
+    def _numbered(self, counted):
+        """(index, frame) in order: the index counted from the file's start, or read from the timestamp."""
+        s, t0 = self.stream, self.stream.start_time or 0
+        for k, f in enumerate(self.container.decode(s)):
+            self.decoded += 1
+            if not counted and f.pts is None:
+                raise ValueError("a frame without a timestamp")
+            yield (k if counted else round(float((f.pts - t0) * s.time_base) * self.fps)), f
+
+    def _position(self, start):
+        if self.seekable and start > 0:
+            try:
+                t0 = self.stream.start_time or 0
+                self.container.seek(t0 + int(start / self.fps / self.stream.time_base), stream=self.stream,
+                                    backward=True, any_frame=False)
+                self._it, self._head = self._numbered(counted=False), None
+                self._head = next(self._it, None)
+                if self._head is not None and self._head[0] <= start:
+                    return
+            except Exception:
+                pass
+            self.seekable = False  # landed past the clip or failed: decode from the start from now on
+        if self._it is not None:
+            self._open()
+        self._it, self._head = self._numbered(counted=True), None
+
+    def read(self, start=0, stop=None, keep=None):
+        """Frames start .. stop-1, or only those whose index is in the set `keep` (the others are
+        decoded, not converted: memory then holds the kept frames alone, written in place)."""
+        stop = math.inf if stop is None else stop
+        if self._it is None or start < self._next or (self.seekable and start > self._next + 2 * self.fps):
+            self._position(start)  # not just ahead (within ~2 s) of the last range: seek
+        frames, out = [], None
+        try:
+            while True:
+                item, self._head = self._head or next(self._it, None), None
+                if item is None or item[0] >= stop:
+                    self._head = item
+                    break
+                if item[0] >= start and (keep is None or item[0] in keep):
+                    f = item[1]
+                    if self.short_side:
+                        k = self.short_side / min(f.width, f.height)
+                        f = f.reformat(width=max(1, round(f.width * k)), height=max(1, round(f.height * k)))
+                    rgb = torch.from_numpy(f.to_ndarray(format="rgb24"))  # (H, W, 3)
+                    if keep is not None:
+                        out = torch.empty(len(keep), *rgb.shape, dtype=torch.uint8) if out is None else out
+                        out[len(frames)] = rgb
+                    frames.append(rgb if keep is None else None)
+        except Exception as e:  # a broken stream: what came before the break is the video
+            self._it, self._head = iter(()), None
+            if not frames:
+                raise DataError(f"{self.path}: not a readable video ({type(e).__name__}: {e})") from None
+        self._next = self._head[0] if self._head else stop
+        if not frames:
+            return torch.zeros(0, 3, 1, 1, dtype=torch.uint8)
+        out = out[:len(frames)] if out is not None else torch.stack(frames)
+        return out.permute(0, 3, 1, 2)  # (T, H, W, 3) -> (T, 3, H, W)
+
+def read_video(path, short_side=None, start=0, stop=None):
+    """Frames start .. stop-1 (default: all) of a video as uint8 (T, 3, H, W), decoded with PyAV
+    (VideoReader: a seek, then only the frames up to stop-1), optionally resized so that the short side
+    is `short_side`."""
+    with VideoReader(path, short_side) as r:
+        frames = r.read(start, stop)
+    if not len(frames):
+        raise DataError(f"{path}: the video has no frames" + (f" from frame {start}" if start else ""))
+    return frames
+
+def list_files(root, exts):
+    """[(path, top)] of every file under root whose name ends with one of `exts` (any case), in the
+    order of their path components (the same on every call and rank); top is the file's first folder
+    (None at the root). One walk over directory entries, sorted per folder: no file is opened or
+    stat-ed, and paths stay strings (a Path per file would cost seconds at ImageNet scale)."""
+    found, seen = [], set()
+
+    def walk(folder, top):
+        with os.scandir(folder) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        for e in entries:
+            if e.is_dir():
+                key = (e.stat().st_dev, e.stat().st_ino)  # a symbolic link looping back is walked once
+                if key not in seen:
+                    seen.add(key); walk(e.path, top or e.name)
+            elif e.name.lower().endswith(exts) and e.is_file():
+                found.append((e.path, top))
+    walk(str(root), None)
+    return found
 
 def _scan(root, exts, classes=None):
-    """Files under root (recursively) with a label from their first folder, or -1 for a flat folder."""
+    """[(path, label)] of the files under root, labelled by their first folder (-1 in a flat folder).
+    A tree with two or more folders holding files is a class-folder tree (files lying at its root are
+    then left out, with a warning); otherwise the folder is flat. Given `classes` (val/ with train/'s),
+    files outside them are left out with a warning. No file is opened: unreadable ones are skipped when
+    read."""
     if not root.is_dir():
         die(f"{root}: no such folder")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in exts and p.is_file())
+    files = list_files(root, exts)
     if not files:
         die(f"{root}: no files with extension {' '.join(exts)} found")
-    good = [p for p in files if _readable(p, exts == VIDEO_EXTS)]
-    if len(good) < len(files):
-        print(f"warning: skipped {len(files) - len(good)} unreadable file(s) in {root} "
-              f"(first: {next(p for p in files if p not in set(good))})", flush=True)
-    if not good:
-        die(f"{root}: none of the {len(files)} files could be read")
     if classes is None:
-        tops = sorted({p.relative_to(root).parts[0] for p in good if len(p.relative_to(root).parts) > 1})
-        flat = any(len(p.relative_to(root).parts) == 1 for p in good) or len(tops) < 2
-        classes = [] if flat else tops
+        tops = sorted({t for _, t in files if t is not None})
+        classes = tops if len(tops) >= 2 else []
+    if not classes:
+        return [(p, -1) for p, _ in files], classes
     index = {c: i for i, c in enumerate(classes)}
-    return [(p, index.get(p.relative_to(root).parts[0], -1) if classes else -1) for p in good], classes
+    items = [(p, index.get(t, -1)) for p, t in files]
+    left = [(p, t) for (p, t), (_, l) in zip(files, items) if l < 0]
+    if left:
+        items = [it for it in items if it[1] >= 0]
+        why = "at the top of a class-folder tree" if left[0][1] is None else "in a class folder that train/ does not have"
+        print(f"warning: left out {len(left)} file(s) of {root} {why} (first: {left[0][0]})", flush=True)
+        if not items:
+            die(f"{root}: none of its files is in a class folder of {', '.join(classes[:5])}...")
+    return items, classes
 
 def scan_folder(root, exts):
     """(train_items, val_items, classes): DIR/train + DIR/val when present, else every 5th file of
-    each class (a fixed held-out part) for evaluation."""
+    each class (a fixed held-out part, as before) for evaluation; train/ alone is split that way too.
+    Linear in the number of files; no file is opened."""
     root = Path(root).expanduser()
     if (root / "train").is_dir():
-        train, classes = _scan(root / "train", exts)
-        val = _scan(root / "val", exts, classes)[0] if (root / "val").is_dir() else []
-        return train, val, classes
-    items, classes = _scan(root, exts)
-    held = {id(it) for c in sorted({l for _, l in items}) for it in [x for x in items if x[1] == c][::5]}
-    if len(held) == len(items):  # too few files to hold any out: evaluate on what we train on
+        items, classes = _scan(root / "train", exts)
+        if (root / "val").is_dir():
+            return items, _scan(root / "val", exts, classes)[0], classes
+        print(f"note: {root} has train/ but no val/: every 5th file of each class of train/ is held out "
+              f"for evaluation", flush=True)
+    else:
+        items, classes = _scan(root, exts)
+    count, train, val = {}, [], []
+    for it in items:  # every 5th file of each class, in listing order
+        count[it[1]] = count.get(it[1], -1) + 1
+        (train if count[it[1]] % 5 else val).append(it)
+    if not train:
+        print(f"warning: {root}: too few files to hold any out (one per class): evaluation is on the "
+              f"training files", flush=True)
         return items, items, classes
-    return [it for it in items if id(it) not in held], [it for it in items if id(it) in held], classes
+    return train, val, classes
 
 def load_coco(root):
     """COCO detection: (records, categories) from DIR/annotations.json beside the images."""
@@ -290,17 +486,36 @@ def load_coco(root):
         die(f"{ann}: none of its images were found in {root}")
     return records, [c["name"] for c in cats]
 
+def read_text(path):
+    """(text, ok) of a caption file: UTF-8 (with or without a BOM) or UTF-16/32 with a BOM; anything
+    else is read as Latin-1 with ok False (so that the caller can count it)."""
+    raw = path.read_bytes()
+    for bom, enc in ((b"\xef\xbb\xbf", "utf-8-sig"), (b"\xff\xfe\x00\x00", "utf-32"), (b"\x00\x00\xfe\xff", "utf-32"),
+                     (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16"), (b"", "utf-8")):
+        if raw.startswith(bom):
+            try:
+                return raw.decode(enc), True
+            except UnicodeDecodeError:
+                break
+    return raw.decode("latin-1"), False
+
 def load_captions(root):
     """[(image path, caption)] for every image with a non-empty same-stem .txt beside it."""
-    items, no_txt, empty = [], 0, 0
+    items, no_txt, empty, latin = [], 0, 0, []
     for path, _ in _scan(Path(root).expanduser(), IMAGE_EXTS)[0]:
+        path = Path(path)
         txt = path.with_suffix(".txt")
-        text = txt.read_text(encoding="utf-8", errors="replace").strip() if txt.is_file() else None
+        text, ok = read_text(txt) if txt.is_file() else (None, True)
+        text = text.replace("\x00", "").strip() if text is not None else None
         no_txt, empty = no_txt + (text is None), empty + (text == "")
+        latin += [] if ok else [txt]
         if text:
             items.append((path, " ".join(text.split())))
     if no_txt or empty:
         print(f"warning: skipped {no_txt} image(s) with no caption file and {empty} with an empty one in {root}", flush=True)
+    if latin:
+        print(f"warning: {len(latin)} caption file(s) are neither UTF-8 nor UTF-16/32 with a BOM; read as Latin-1 "
+              f"(first: {latin[0]})", flush=True)
     if not items:
         die(f"{root}: no image has a non-empty caption file (NAME.txt beside NAME.jpg)")
     return items
@@ -350,7 +565,9 @@ def hflip(x):
 # ------------------------------------------------------------------ datasets and loaders
 
 class FileOrTensorDataset(Dataset):
-    """Items from memory (a uint8 tensor) or from files, with unreadable files skipped and counted."""
+    """Items from memory (a uint8 tensor) or from files, with unreadable files skipped and counted
+    (per process: each DataLoader worker counts its own). When none is readable the run ends with one
+    line, also from inside a worker (a DataError there, turned into the same line by make_loader)."""
 
     def __init__(self, source, reader):
         self.source, self.reader, self.bad = source, reader, set()
@@ -369,7 +586,10 @@ class FileOrTensorDataset(Dataset):
                     self.bad.add(i)
                     print(f"warning: skipped ({len(self.bad)} so far): {e}", flush=True)
                 if len(self.bad) >= len(self.source):
-                    die(f"no readable file left ({e})")
+                    msg = f"none of the {len(self.source)} files could be read (the last: {e})"
+                    if torch.utils.data.get_worker_info() is not None:
+                        raise DataError(msg)  # SystemExit cannot leave a worker process cleanly
+                    die(msg)
                 i = (i + 1) % len(self.source)
 
 class ImageDataset(FileOrTensorDataset):
@@ -403,7 +623,7 @@ def image_data(args, n_train=2000, n_val=500, aug=None, captions=False):
         pairs = load_captions(args.data)
         root = Path(args.data).expanduser()
         tops = sorted({p.relative_to(root).parts[0] for p, _ in pairs if len(p.relative_to(root).parts) > 1})
-        classes = tops if len(tops) >= 2 and all(len(p.relative_to(root).parts) > 1 for p, _ in pairs) else []
+        classes = tops if len(tops) >= 2 else []  # _scan's rule: class folders, files at the root left out
         items = [(p, classes.index(p.relative_to(root).parts[0]) if classes else -1, c) for p, c in pairs]
         val = items[::5] if len(items) >= 5 else items
         train = [it for k, it in enumerate(items) if k % 5] if len(items) >= 5 else items
@@ -412,24 +632,49 @@ def image_data(args, n_train=2000, n_val=500, aug=None, captions=False):
         return make(train, True), make(val, False), classes
     train, val, classes = scan_folder(args.data, IMAGE_EXTS)
     make = lambda its, t: ImageDataset([p for p, _ in its], [l for _, l in its], args.input_size, t, aug or "crop")
-    return make(train, True), make(val or train, False), classes
+    return make(train, True), make(val, False), classes
 
 class VideoDataset(FileOrTensorDataset):
     """(clip (T, 3, S, S) normalized, label); with repeat_aug R > 1 in training, R clips of one
     decoded video: (clips (R, T, 3, S, S), labels (R,)). Videos shorter than a clip are looped."""
 
     def __init__(self, source, labels, num_frames, sampling_rate, size, train, repeat_aug=1):
-        super().__init__(source, lambda p: read_video(p, short_side=round(size * 1.25)))
+        super().__init__(source, self.read_span)
         self.labels, self.T, self.rate, self.size, self.train = labels, num_frames, sampling_rate, size, train
         self.repeat = repeat_aug if train else 1
 
+    def starts(self, n):
+        """The first frame of each of the item's clips in a video of n frames (random in training)."""
+        room = max(n - (self.T - 1) * self.rate - 1, 0)
+        return [torch.randint(0, room + 1, (1,)).item() if self.train else room // 2 for _ in range(self.repeat)]
+
+    def read_span(self, path):
+        """(frames, index): only the span that covers the item's clips is decoded (one seek), and only
+        their frames kept; index (R, T) points into frames. The whole video, looped, when it is shorter
+        than a clip, its header has no frame count, or the header's count was wrong."""
+        with VideoReader(path, short_side=round(self.size * 1.25)) as r:
+            span, n = (self.T - 1) * self.rate + 1, r.num_frames
+            if n and n >= span:
+                want = torch.tensor(self.starts(n))[:, None] + torch.arange(self.T) * self.rate  # (R, T)
+                keep = sorted(set(want.flatten().tolist()))
+                frames = r.read(keep[0], keep[-1] + 1, set(keep))
+                if len(frames) == len(keep):
+                    return frames, torch.searchsorted(torch.tensor(keep), want)
+            frames = r.read(0)
+        if not len(frames):
+            raise DataError(f"{path}: the video has no frames")
+        return frames, self.index(len(frames))
+
+    def index(self, n):
+        """(R, T) frame indices of the item's clips in a video of n frames, looped when it is short."""
+        return (torch.tensor(self.starts(n))[:, None] + torch.arange(self.T) * self.rate) % n
+
     def __getitem__(self, i):
         i, frames = self.load(i)
-        clips, span = [], (self.T - 1) * self.rate + 1
-        for _ in range(self.repeat):
-            room = max(len(frames) - span, 0)
-            start = torch.randint(0, room + 1, (1,)).item() if self.train else room // 2
-            clip = frames[(start + torch.arange(self.T) * self.rate) % len(frames)]  # (T, 3, H, W)
+        frames, index = (frames, self.index(len(frames))) if isinstance(self.source, torch.Tensor) else frames
+        clips = []
+        for idx in index:
+            clip = frames[idx]  # (T, 3, H, W)
             if self.train and isinstance(self.source, list):  # files: crop + flip, as MAE-ST
                 clip = random_resized_crop(clip, self.size, (0.3, 1.0))
                 clip = hflip(clip) if torch.rand(1).item() < 0.5 else clip
@@ -454,7 +699,7 @@ def video_data(args, num_frames, sampling_rate=1, repeat_aug=1, n_train=800, n_v
     train, val, classes = scan_folder(args.data, VIDEO_EXTS)
     make = lambda its, t: VideoDataset([p for p, _ in its], [l for _, l in its], num_frames, sampling_rate,
                                        args.input_size, t, repeat_aug)
-    return make(train, True), make(val or train, False), classes
+    return make(train, True), make(val, False), classes
 
 class DetectionDataset(FileOrTensorDataset):
     """(image (3, S, S) normalized, target) with the boxes scaled to S x S and flipped with the image."""
@@ -493,14 +738,33 @@ def caption_data(args, n_train=2000, n_val=500):
     """(train_ds, val_ds, classes) of (image, caption, label): synthetic captions or NAME.jpg + NAME.txt."""
     return image_data(args, n_train, n_val, captions=True)
 
+def eval_subset(ds, most):
+    """ds itself when it has at most `most` items (0: no bound), else a fixed subsample of `most` items
+    (seed 0, in their order): the same items before and after training, on every rank."""
+    if not most or len(ds) <= most:
+        return ds
+    keep = np.sort(np.random.default_rng(0).choice(len(ds), most, replace=False))
+    return torch.utils.data.Subset(ds, keep.tolist())
+
+class Loader(DataLoader):
+    """A DataLoader whose data errors in worker processes end the run with their one-line message."""
+
+    def __iter__(self):
+        try:
+            yield from super().__iter__()
+        except DataError as e:  # re-raised from a worker with its traceback: keep its last line
+            die(str(e).strip().splitlines()[-1].split("DataError: ", 1)[-1])
+
 def make_loader(ds, args, run, train, collate_fn=None, batch_size=None, whole=False):
-    """Under torchrun each process gets its share of ds, unless whole=True (evaluation on one rank)."""
+    """Under torchrun each process gets its share of ds, unless whole=True (evaluation on one rank).
+    Evaluation loaders (train=False) see at most --eval_max items (eval_subset)."""
     bs = batch_size or args.batch_size
+    ds = ds if train else eval_subset(ds, getattr(args, "eval_max", 0))
     drop = train and len(ds) > bs * run.world_size
     sampler = DistributedSampler(ds, shuffle=train, drop_last=drop) if run.distributed and not whole else None
-    return DataLoader(ds, bs, shuffle=train and sampler is None, sampler=sampler, drop_last=drop,
-                      num_workers=args.num_workers or 0, collate_fn=collate_fn,
-                      pin_memory=run.device.type == "cuda")  # fresh workers each epoch: exact --resume
+    return Loader(ds, bs, shuffle=train and sampler is None, sampler=sampler, drop_last=drop,
+                  num_workers=args.num_workers or 0, collate_fn=collate_fn,
+                  pin_memory=run.device.type == "cuda")  # fresh workers each epoch: exact --resume
 
 def to_device(x, device):
     if isinstance(x, torch.Tensor):
@@ -541,15 +805,35 @@ def fit(model, loss_fn, loader, args, run, groups=None, betas=(0.9, 0.999), on_e
     scaler = torch.amp.GradScaler(run.device.type, enabled=run.amp_dtype == torch.float16)
     history, ckpt = dict(losses=[], steps=0, seconds=0.0, epoch=0), Path(args.out) / "checkpoint.pt"
     if args.resume:
-        state = load_checkpoint(args.resume)
+        state = check_resume(model, args, keep=False)
         load_state(model, state["model"], args.resume)
-        opt.load_state_dict(state["optimizer"]); scaler.load_state_dict(state["scaler"]); history = state["history"]
+        try:
+            opt.load_state_dict(state["optimizer"]); scaler.load_state_dict(state["scaler"])
+        except (ValueError, KeyError, TypeError) as e:
+            die(f"{args.resume}: its optimizer state does not fit this run's parameter groups ({e})")
+        history = state["history"]
         log(run, f"resumed from {args.resume} after epoch {history['epoch']}")
     net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=find_unused) if run.distributed else model
     net = torch.compile(net) if args.compile else net
     n = len(loader)
     if n == 0:
         die(f"no training batch: fewer examples than one batch of {args.batch_size}")
+    try:
+        _epochs(net, model, opt, scaler, loss_fn, loader, args, run, history, ckpt, on_epoch)
+    except KeyboardInterrupt:
+        if not run.is_main:
+            raise SystemExit(130)
+        done = f"{ckpt} holds epoch {history['epoch']}" if history["epoch"] and ckpt.exists() else "no epoch finished: nothing saved"
+        given = getattr(args, "argv", sys.argv[1:])
+        argv = [a for k, a in enumerate(given) if a != "--resume" and not a.startswith("--resume=")
+                and (k == 0 or given[k - 1] != "--resume")]
+        again = " ".join(shlex.quote(a) for a in [f"{args.script}.py"] + argv + ["--resume", str(ckpt)])
+        die(f"interrupted (Ctrl-C) during epoch {history['epoch'] + 1}: {done}" +
+            (f"; to continue: python {again}" if history["epoch"] and ckpt.exists() else ""))
+    return model, history
+
+def _epochs(net, model, opt, scaler, loss_fn, loader, args, run, history, ckpt, on_epoch):
+    n = len(loader)
     for epoch in range(history["epoch"], args.epochs):
         torch.manual_seed(args.seed + 1000 * epoch + run.rank)  # a resumed epoch replays exactly
         if isinstance(getattr(loader, "sampler", None), DistributedSampler):
@@ -558,9 +842,13 @@ def fit(model, loss_fn, loader, args, run, groups=None, betas=(0.9, 0.999), on_e
         t0, seen = time.time(), 0
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not run.is_main, leave=False)
         for i, batch in enumerate(bar):
-            lr = lr_at(args, epoch + i / n)
+            lr = lr_at(args, epoch + (i / n if n > 1 else 0.5))  # one batch an epoch: its middle, not lr 0
             for g in opt.param_groups:
                 g["lr"] = lr * g.get("lr_scale", 1.0)
+            if history["steps"] == 0 and isinstance(batch[0], torch.Tensor) and batch[0].is_floating_point() \
+                    and batch[0].numel() > 1 and batch[0].min() == batch[0].max():
+                print(f"warning: the first training batch is constant (every value {batch[0].flatten()[0].item():.4g}): "
+                      f"the inputs carry nothing to learn; check the data files", flush=True)
             batch = to_device(batch, run.device)
             with autocast(run):
                 loss = loss_fn(net, batch)
@@ -588,7 +876,6 @@ def fit(model, loss_fn, loader, args, run, groups=None, betas=(0.9, 0.999), on_e
                                        history=history, args={k: v for k, v in vars(args).items()}))
         if on_epoch:
             on_epoch(epoch)
-    return model, history
 
 def smoke(model, loss_fn, batch, run, steps=30, lr=1e-3):
     """A few AdamW steps on one tiny batch: passes when every loss is finite and the last ones fall
@@ -610,44 +897,119 @@ def smoke(model, loss_fn, batch, run, steps=30, lr=1e-3):
 # ------------------------------------------------------------------ checkpoints
 
 def save_checkpoint(path, state):
-    """Atomic: write a temporary file beside the target, then rename it over the target."""
+    """Atomic: write a temporary file of its own (a unique name, so that two writers never share one)
+    beside the target, then rename it over the target."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-def load_checkpoint(path):
-    if not Path(path).expanduser().is_file():
-        die(f"{path}: no such checkpoint file")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
     try:
-        return torch.load(Path(path).expanduser(), map_location="cpu", weights_only=True)
-    except Exception as e:
-        die(f"{path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
-def unwrap_state(ckpt):
-    for key in ("model", "model_state", "state_dict"):
-        if isinstance(ckpt, dict) and isinstance(ckpt.get(key), dict):
-            return ckpt[key]
+_loaded = ["the checkpoint"]  # the file load_checkpoint read last, for unwrap_state's message
+_cache = {}  # path -> what check_args read, handed to the next load_checkpoint of that path
+TRAINING = ("model", "optimizer", "scaler", "history")  # what a checkpoint.pt of C.fit holds
+
+def _what(x):
+    if isinstance(x, torch.Tensor):
+        return f"a bare tensor of shape {tuple(x.shape)}"
+    if isinstance(x, dict):
+        return f"a dict of {', '.join(map(str, list(x)[:4])) or 'nothing'}" + (" ..." if len(x) > 4 else "")
+    return f"a {type(x).__name__}"
+
+def load_checkpoint(path, need=()):
+    """torch.load(weights_only=True) of a file; any problem (no file, empty, truncated, not torch's,
+    not a dict holding the keys in `need`) ends the run with one line naming the file."""
+    ckpt = _cache.pop(str(path)) if str(path) in _cache else _read(path)  # read once already by check_args
+    _loaded[0] = path
+    if need and not (isinstance(ckpt, dict) and all(k in ckpt for k in need)):
+        die(f"{path}: not a training checkpoint of this project (it holds {_what(ckpt)}; one holds "
+            f"{', '.join(need)}); --resume takes the checkpoint.pt of a run, --weights initial weights")
     return ckpt
 
-def load_state(model, state_dict, source, allow_missing=()):
-    """Strict load; every missing, unexpected or wrongly shaped key is named in one line."""
+def _read(path):
+    file = Path(path).expanduser()
+    if not file.is_file():
+        die(f"{path}: no such checkpoint file")
+    if file.stat().st_size == 0:
+        die(f"{path}: the file is empty (0 bytes): not a checkpoint")
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or ["no message"])[0][:200]
+        die(f"{path}: cannot be read as a PyTorch checkpoint (truncated, or not written by torch.save: "
+            f"{type(e).__name__}: {first})")
+
+def check_resume(model, args, keep=True):
+    """--resume checked against the model at once, before any evaluation: one line naming the file and
+    the problem (another script's, another --model, not a training checkpoint). Returns its state
+    (kept for C.fit, which calls this again with keep=False, so that the file is read once)."""
+    if not args.resume:
+        return None
+    state = load_checkpoint(args.resume, need=TRAINING)
+    if keep:
+        _cache[str(args.resume)] = state
+    made = state.get("args") if isinstance(state.get("args"), dict) else {}
+    if made.get("script") not in (None, args.script):
+        die(f"{args.resume}: written by {made['script']}.py, not {args.script}.py")
+    msg = state_mismatch(model, state["model"])
+    if msg:
+        die(f"{args.resume}: does not fit this model (written with --model {made.get('model', '?')}, this run "
+            f"--model {args.model}): {msg}")
+    return state
+
+def unwrap_state(ckpt, source=None):
+    """The state dict inside a checkpoint (under model / model_state / state_dict, or the file itself);
+    one line naming the file (default: the last one loaded) when it is not a dict of tensors."""
+    for key in ("model", "model_state", "state_dict"):
+        if isinstance(ckpt, dict) and isinstance(ckpt.get(key), dict):
+            ckpt = ckpt[key]
+            break
+    if not isinstance(ckpt, dict) or not ckpt or not all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        die(f"{source or _loaded[0]}: holds {_what(ckpt)}, not model weights (a dict of parameter tensors)")
+    return ckpt
+
+def state_mismatch(model, state_dict, allow_missing=()):
+    """'' when state_dict fits model, else one line naming the missing, unexpected and wrongly shaped keys."""
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        return f"it holds {_what(state_dict)}, not a state dict (parameter names -> tensors)"
     own = model.state_dict()
     missing = [k for k in own if k not in state_dict and not k.startswith(tuple(allow_missing) or ("\0",))]
     extra = [k for k in state_dict if k not in own]
     shape = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}" for k in own
              if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)]
-    if missing or extra or shape:
-        show = lambda ks: ", ".join(ks[:6]) + (f" (+{len(ks) - 6} more)" if len(ks) > 6 else "")
-        die(f"{source}: does not fit this model: " + "; ".join(
-            f"{what} {show(ks)}" for what, ks in (("missing", missing), ("unexpected", extra), ("wrong shape", shape)) if ks))
+    show = lambda ks: ", ".join(ks[:6]) + (f" (+{len(ks) - 6} more)" if len(ks) > 6 else "")
+    return "; ".join(f"{what} {show(ks)}" for what, ks in (("missing", missing), ("unexpected", extra),
+                                                            ("wrong shape", shape)) if ks)
+
+def load_state(model, state_dict, source, allow_missing=()):
+    """Strict load; every missing, unexpected or wrongly shaped key is named in one line."""
+    msg = state_mismatch(model, state_dict, allow_missing)
+    if msg:
+        die(f"{source}: does not fit this model: {msg}")
     model.load_state_dict(state_dict, strict=False)
 
 # ------------------------------------------------------------------ evaluation, pictures, benchmarks
 
 @torch.no_grad()
-def extract_features(fn, loader, run):
-    """(X (N, D), y (N,)) on the CPU: fn(inputs) -> (B, D) for every batch (inputs = batch[0])."""
+def extract_features(fn, loader, run, shared=False):
+    """(X (N, D), y (N,)) on the CPU: fn(inputs) -> (B, D) for every batch (inputs = batch[0]).
+    shared=True under torchrun (called by every rank, on a whole=True loader): each rank extracts
+    every world_size-th item and all receive the whole (X, y), in the loader's order."""
+    if shared and run.distributed:
+        ds, w = loader.dataset, run.world_size
+        mine = DataLoader(torch.utils.data.Subset(ds, range(run.rank, len(ds), w)), loader.batch_size,
+                          num_workers=loader.num_workers, collate_fn=loader.collate_fn)
+        parts = [None] * w
+        dist.all_gather_object(parts, extract_features(fn, mine, run) if len(ds) > run.rank else None)
+        parts = [p for p in parts if p is not None]
+        X = torch.empty(len(ds), parts[0][0].shape[1]); y = torch.empty(len(ds), dtype=parts[0][1].dtype)
+        for r, (Xr, yr) in enumerate(parts):
+            X[r::w], y[r::w] = Xr, yr  # rank r extracted items r, r + w, r + 2w, ...
+        return X, y
     xs, ys = [], []
     for batch in loader:
         with autocast(run):
@@ -662,6 +1024,9 @@ def linear_probe(Xtr, ytr, Xva, yva, steps=1000, lr=1e-2, batch=1024, seed=0):
     mu, sd = Xtr.mean(0), Xtr.std(0) + 1e-6
     Xtr, Xva = (Xtr - mu) / sd, (Xva - mu) / sd
     head = torch.nn.Linear(Xtr.shape[1], int(max(ytr.max(), yva.max())) + 1)
+    with torch.no_grad():  # the head's init from the probe's own seed, not the global random state
+        bound = 1 / math.sqrt(Xtr.shape[1])  # nn.Linear's default U(-1/sqrt(d), 1/sqrt(d))
+        head.weight.uniform_(-bound, bound, generator=g); head.bias.uniform_(-bound, bound, generator=g)
     opt = torch.optim.Adam(head.parameters(), lr=lr)
     for step in range(steps):
         idx = torch.randint(0, len(Xtr), (min(batch, len(Xtr)),), generator=g)
@@ -672,7 +1037,8 @@ def linear_probe(Xtr, ytr, Xva, yva, steps=1000, lr=1e-2, batch=1024, seed=0):
         return (head(Xva).argmax(1) == yva).float().mean().item()
 
 def knn_accuracy(Xtr, ytr, Xva, yva, k=20, T=0.07):
-    """Weighted k-nearest-neighbour vote on cosine similarity (weights exp(sim / T))."""
+    """Weighted k-nearest-neighbour vote on cosine similarity (weights exp(sim / T)); k adapts to a
+    small training set (at most all of its items)."""
     Xtr, Xva, C = F.normalize(Xtr, dim=1), F.normalize(Xva, dim=1), int(max(ytr.max(), yva.max())) + 1
     correct = 0
     for xv, yv in zip(Xva.split(1024), yva.split(1024)):
@@ -681,8 +1047,30 @@ def knn_accuracy(Xtr, ytr, Xva, yva, k=20, T=0.07):
         correct += (votes.argmax(1) == yv).sum().item()
     return correct / len(yva)
 
+def check_enough(train_ds, val_ds, args, classes=None, need_classes=False):
+    """Before training: one line when the data are too few to train on or to evaluate (no training or
+    held-out item, fewer than 2 classes where labels are needed); a warning when the held-out set is
+    smaller than a batch (the figures then rest on a few items)."""
+    where = args.data or "the synthetic data"
+    if len(train_ds) == 0 or len(val_ds) == 0:
+        die(f"{where}: {len(train_ds)} training and {len(val_ds)} held-out items: too few to train and evaluate")
+    if need_classes and len(classes or []) < 2:
+        die(f"{where}: {len(classes or [])} class(es): a classifier needs at least 2 class folders (DIR/<class>/...)")
+    if len(val_ds) < min(args.batch_size, 8):
+        print(f"warning: {where}: only {len(val_ds)} held-out item(s): the evaluation figures are rough", flush=True)
+
+def first_items(ds, n):
+    """The first min(n, len(ds)) items of ds, each field stacked (tensors) or listed: for pictures."""
+    items = [ds[i] for i in range(min(n, len(ds)))]
+    return [torch.stack(f) if isinstance(f[0], torch.Tensor) else list(f) for f in zip(*items)] if items else []
+
 def save_grid(path, rows, texts=None, scale=None):
-    """One row of cells per tensor (N, 3, H, W) in [0, 1]; optional text under each cell."""
+    """One row of cells per tensor (N, 3, H, W) in [0, 1]; optional text under each cell. Rows may
+    hold however few items there are (empty rows are dropped); None when there is nothing to draw."""
+    keep = [r for r, row in enumerate(rows) if len(row)]
+    rows, texts = [rows[r] for r in keep], [texts[r] for r in keep if r < len(texts)] if texts else texts
+    if not rows:
+        return None
     H, W = rows[0].shape[-2:]
     scale = scale or max(1, math.ceil(96 / H))
     lines = max([t.count("\n") + 1 for row in (texts or []) for t in row] or [0])
@@ -733,3 +1121,56 @@ def benchmark(fn, run, warmup=3, reps=10):
         sync(); t = time.perf_counter(); fn(); sync()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+def bench_data(root, video=False, input_size=224, batch_size=32, items=512, num_frames=16, sampling_rate=4,
+               workers=None):
+    """The data pipeline on a folder: start-up (listing) time, the raw decode rate of `items` of its
+    training files (PIL open + convert alone; PyAV decode of the clip span alone) and samples/s of the
+    training loader on the same files with 0, 1 and all workers; loader / raw is its overhead."""
+    t = time.perf_counter()
+    train, _, _ = scan_folder(root, VIDEO_EXTS if video else IMAGE_EXTS)
+    listing = time.perf_counter() - t
+    pick = np.sort(np.random.default_rng(0).choice(len(train), min(items, len(train)), replace=False))
+    files, labels = [train[k][0] for k in pick], [max(train[k][1], 0) for k in pick]
+    span = (num_frames - 1) * sampling_rate + 1
+    t = time.perf_counter()
+    for p in files:  # raw decode, nothing else
+        try:
+            if video:
+                with VideoReader(p) as r:
+                    r.read(max((r.num_frames or span) - span, 0) // 2, max((r.num_frames or span) - span, 0) // 2 + span)
+            else:
+                with Image.open(p) as im:
+                    _rgb_array(im)
+        except Exception:
+            pass
+    raw = len(files) / (time.perf_counter() - t)
+    ds = (VideoDataset(files, labels, num_frames, sampling_rate, input_size, True) if video else
+          ImageDataset(files, labels, input_size, True))
+    rows = dict(raw_decode=raw)
+    for w in sorted({0, 1, workers or os.cpu_count() or 1}):
+        t = time.perf_counter()
+        for _ in Loader(ds, batch_size, shuffle=True, num_workers=w):
+            pass
+        rows[f"loader_{w}_workers"] = len(ds) / (time.perf_counter() - t)
+    print(f"{root}: {len(train)} training files listed in {listing:.2f} s; {len(files)} of them read:")
+    for k, v in rows.items():
+        print(f"  {k:18s} {v:9.1f} samples/s   {v / raw:5.2f} x raw decode")
+    best = max(v for k, v in rows.items() if k != "raw_decode")
+    print(f"bench_data: listing {listing:.2f} s, raw decode {raw:.1f}/s, best loader {best:.1f}/s = {best / raw:.2f} x raw")
+    return dict(listing_s=listing, files=len(train), **rows)
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description="python common.py --bench_data DIR: the data pipeline's speed on DIR",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--bench_data", required=True, metavar="DIR", help="an image or video folder (--data layout)")
+    p.add_argument("--video", action="store_true", help="the folder holds videos")
+    p.add_argument("--input_size", type=int, default=224, help="training crop side")
+    p.add_argument("--batch_size", type=int, default=32, help="loader batch")
+    p.add_argument("--items", type=int, default=512, help="files read (a seeded sample of the training split)")
+    p.add_argument("--num_frames", type=int, default=16, help="video: frames per clip")
+    p.add_argument("--sampling_rate", type=int, default=4, help="video: frame stride")
+    p.add_argument("--workers", type=int, default=None, help="'all workers' (default: the CPU count)")
+    a = p.parse_args()
+    bench_data(Path(a.bench_data).expanduser(), a.video, a.input_size, a.batch_size, a.items, a.num_frames,
+               a.sampling_rate, a.workers)

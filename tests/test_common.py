@@ -90,8 +90,13 @@ def test_class_folder_with_mixed_files_and_a_corrupt_one(tmp_path, capsys):
     (tmp_path / "dog" / "broken.jpg").write_bytes(b"not an image at all")
     train, val, classes = C.scan_folder(tmp_path, C.IMAGE_EXTS)
     assert classes == ["cat", "dog"]
-    assert "skipped 1 unreadable" in capsys.readouterr().out
-    assert len(train) + len(val) == 16 and {l for _, l in val} == {0, 1}
+    assert len(train) + len(val) == 17 and {l for _, l in val} == {0, 1}   # listed, not opened
+    files = [p for p, _ in train + val]
+    ds = C.ImageDataset(files, [l for _, l in train + val], 16, train=False)
+    broken = files.index(str(tmp_path / "dog" / "broken.jpg"))
+    img, label = ds[broken]                                               # read: skipped, the next one served
+    assert "skipped (1 so far)" in capsys.readouterr().out and ds.bad == {broken}
+    assert torch.equal(img, ds[(broken + 1) % len(ds)][0])
     tr, va, cl = C.image_data(args_for(tmp_path))
     img, label = tr[0]
     assert img.shape == (3, 16, 16) and img.dtype == torch.float32 and label in (0, 1)
@@ -120,8 +125,9 @@ def test_bad_folders_are_one_line_errors(tmp_path):
         C.scan_folder(tmp_path / "empty", C.IMAGE_EXTS)
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "a.png").write_bytes(b"\x89PNG broken")
-    with pytest.raises(SystemExit, match="none of the 1 files could be read"):
-        C.scan_folder(tmp_path / "junk", C.IMAGE_EXTS)
+    train, _, _ = C.scan_folder(tmp_path / "junk", C.IMAGE_EXTS)          # listing opens nothing ...
+    with pytest.raises(SystemExit, match="none of the 1 files could be read .*a.png: not a readable image"):
+        C.ImageDataset([p for p, _ in train], [-1], 16, train=False)[0]   # ... reading says so
 
 
 def test_videos_decode_and_short_videos_loop(tmp_path):
@@ -132,11 +138,16 @@ def test_videos_decode_and_short_videos_loop(tmp_path):
     assert v.shape == (12, 3, 32, 48) and v.dtype == torch.uint8
     assert C.read_video(tmp_path / "left" / "a.mp4", short_side=16).shape[-2:] == (16, 24)
     train, val, classes = C.scan_folder(tmp_path, C.VIDEO_EXTS)
-    assert classes == ["left", "right"] and len(train) == 2 and val == train   # too few to hold any out
-    ds = C.VideoDataset([p for p, _ in train + val], [l for _, l in train + val], num_frames=4, sampling_rate=2,
-                        size=16, train=True, repeat_aug=2)
+    assert classes == ["left", "right"] and sorted(Path(p).name for p, _ in train + val) == ["a.mp4", "b.mp4", "c.mp4"]
+    files = [tmp_path / "left" / "a.mp4", tmp_path / "right" / "b.mp4", tmp_path / "right" / "c.mp4"]
+    ds = C.VideoDataset(files, [0, 1, 1], num_frames=4, sampling_rate=2, size=16, train=True, repeat_aug=2)
     clips, labels = ds[1]
     assert clips.shape == (2, 4, 3, 16, 16) and labels.tolist() == [1, 1]
+    ev = C.VideoDataset(files, [0, 1, 1], num_frames=4, sampling_rate=2, size=16, train=False)
+    grey = [C.read_video(files[1], short_side=20)[t, 0, 8, 8].item() for t in (0, 2, 1, 0)]  # b looped: 0 2 1 0
+    assert torch.allclose(C.denormalize(ev[1][0])[:, 0, 8, 8] * 255, torch.tensor(grey, dtype=torch.float), atol=2)
+    _, label = ev[2]                                                      # c is garbage: skipped to a
+    assert label == 0 and 2 in ev.bad
     with pytest.raises(C.DataError, match="c.mp4: not a readable video"):
         C.read_video(tmp_path / "right" / "c.mp4")
 
@@ -296,6 +307,12 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
         other = [torch.zeros_like(w) for _ in range(2)]
         dist.all_gather(other, w)
         assert torch.equal(other[0], other[1])                            # DDP kept the replicas equal
+        ds = torch.utils.data.TensorDataset(torch.arange(10.).reshape(5, 2), torch.arange(5))
+        done = []
+        f = lambda x: done.append(len(x)) or x * 2
+        X, y = C.extract_features(f, C.make_loader(ds, args, run, False, batch_size=2, whole=True), run, shared=True)
+        assert torch.equal(X, torch.arange(10.).reshape(5, 2) * 2) and torch.equal(y, torch.arange(5))
+        assert sum(done) == (3, 2)[run.rank]                              # each rank extracted its share
         open({str(tmp_path)!r} + f"/rank{{run.rank}}.ok", "w").write(str(h["steps"]))
         dist.destroy_process_group()
     """))
@@ -305,3 +322,168 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     assert [(tmp_path / f"rank{r}.ok").read_text() for r in (0, 1)] == ["2", "2"]
     assert (tmp_path / "checkpoint.pt").exists()
+
+
+# ------------------------------------------------------------------ issue 18: robust plumbing
+
+
+def test_every_image_mode_at_its_scale(tmp_path):
+    grey = np.linspace(10, 240, 24 * 16).reshape(16, 24).astype(np.uint8)   # the expected 8-bit picture
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "g16.png")           # I;16: 0..65535
+    Image.fromarray(grey.astype(np.int32) * 257, "I").save(tmp_path / "g32.tif")        # I with 16-bit values
+    Image.fromarray(grey.astype(np.float32) / 255, "F").save(tmp_path / "f.tif")        # F in [0, 1]
+    Image.fromarray(grey, "L").convert("LA").save(tmp_path / "la.png")
+    for name in ("g16.png", "g32.tif", "f.tif", "la.png"):
+        img = C.read_image(tmp_path / name)
+        assert img.shape == (3, 16, 24) and (img.int() - torch.from_numpy(grey).int()).abs().max() <= 1, name
+    rgb = np.zeros((8, 8, 3), np.uint8); rgb[..., 0] = 200; rgb[:4, :, 2] = 90
+    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "c.jpg", quality=100)
+    assert (C.read_image(tmp_path / "c.jpg").permute(1, 2, 0).int() - torch.from_numpy(rgb).int()).abs().max() <= 6
+    pal = Image.fromarray(rgb).convert("P")
+    pal.save(tmp_path / "p.png", transparency=0)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                                    # no "palette with transparency" warning
+        img = C.read_image(tmp_path / "p.png")
+    assert torch.equal(img, torch.from_numpy(np.array(pal.convert("RGB"))).permute(2, 0, 1))
+
+
+def test_captions_in_utf16_and_latin1(tmp_path, capsys):
+    for k, (text, enc) in enumerate([("un café", "utf-16"), ("un café", "utf-8-sig"), ("un café", "latin-1"),
+                                     ("un café", "utf-8")]):
+        write_image(tmp_path / f"{k}.png")
+        (tmp_path / f"{k}.txt").write_bytes(text.encode(enc))
+    assert [c for _, c in C.load_captions(tmp_path)] == ["un café"] * 4
+    assert "1 caption file(s) are neither UTF-8" in capsys.readouterr().out
+
+
+def test_flags_are_checked_up_front(tmp_path, capsys):
+    p = C.make_parser("toy", "", presets=("tiny", "base"))
+    p.add_argument("--mask_ratio", type=float, default=0.75)
+    ok = ["--out", str(tmp_path / "o")]
+    for argv, words in ((["--batch_size", "0"], "--batch_size 0: must be a positive"), (["--lr", "-1"], "--lr -1.0"),
+                        (["--lr", "nan"], "--lr nan"), (["--epochs", "-1"], "--epochs -1: must be >= 0"),
+                        (["--mask_ratio", "1"], "--mask_ratio 1.0: must be in [0, 1)"),
+                        (["--input_size", "30"], "--input_size 30: must be a multiple of the patch size 4"),
+                        (["--weights", str(tmp_path / "no.pt")], "no.pt: no such file"),
+                        (["--out", str(tmp_path / "f" / "x")], "cannot be written")):
+        (tmp_path / "f").write_text("a file, not a folder")
+        with pytest.raises(SystemExit, match=re_escape(words)):
+            C.init_run(p.parse_args(ok + argv), patch_size=4)
+    with pytest.raises(SystemExit):
+        p.parse_args(["--model", "huge"])
+    assert "invalid choice: 'huge'" in capsys.readouterr().err
+    assert "(default: 64)" in p.format_help() and "{tiny,base}" in p.format_help()
+    C.init_run(p.parse_args(ok + ["--precision", "fp16"]))
+    assert "fp16 on a CPU" in capsys.readouterr().out
+
+
+def re_escape(s):
+    import re
+    return re.escape(s)
+
+
+def test_checkpoint_files_of_any_shape(tmp_path):
+    m = torch.nn.Linear(3, 2)
+    (tmp_path / "zero.pt").write_bytes(b"")
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    torch.save({"weights": 1}, tmp_path / "other.pt")
+    torch.save({"model": m.state_dict()}, tmp_path / "whole.pt")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "whole.pt").read_bytes()[:100])
+    for name, words in (("zero.pt", "zero.pt: the file is empty"), ("cut.pt", "cut.pt: cannot be read")):
+        with pytest.raises(SystemExit, match=words):
+            C.load_checkpoint(tmp_path / name)
+    with pytest.raises(SystemExit, match=r"tensor.pt: holds a bare tensor of shape \(3,\)"):
+        C.unwrap_state(C.load_checkpoint(tmp_path / "tensor.pt"))
+    with pytest.raises(SystemExit, match="other.pt: not a training checkpoint .*a dict of weights"):
+        C.load_checkpoint(tmp_path / "other.pt", need=C.TRAINING)
+    with pytest.raises(SystemExit, match="f.pt: does not fit this model: it holds a dict of x"):
+        C.load_state(m, {"x": 3}, "f.pt")
+    assert C.unwrap_state(C.load_checkpoint(tmp_path / "whole.pt")).keys() == m.state_dict().keys()
+
+
+def test_resume_is_checked_against_the_model(tmp_path):
+    _toy_run(tmp_path / "a", 1)
+    ckpt = tmp_path / "a" / "checkpoint.pt"
+    args = C.make_parser("toy", "").parse_args(["--resume", str(ckpt), "--out", str(tmp_path / "a")])
+    C.check_args(args)                                                    # the file itself is fine
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Dropout(0.2), torch.nn.Linear(3 * 16 * 16, 6))
+    assert C.check_resume(model, args)["history"]["epoch"] == 1
+    with pytest.raises(SystemExit, match=r"checkpoint.pt: does not fit this model \(written with --model tiny.*"
+                                         r"wrong shape 2.weight \(6, 768\) vs \(5, 768\)"):
+        C.check_resume(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Dropout(0.2), torch.nn.Linear(768, 5)), args)
+    args.script = "other"
+    with pytest.raises(SystemExit, match="checkpoint.pt: written by toy.py, not other.py"):
+        C.check_args(args)
+
+
+def test_two_writers_never_share_a_temporary_file(tmp_path, monkeypatch, capsys):
+    names, real = [], torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, f: names.append(str(f)) or real(obj, f))
+    for k in range(3):
+        C.save_checkpoint(tmp_path / "checkpoint.pt", {"k": k})
+    assert len(set(names)) == 3 and all(n.endswith(".tmp") for n in names)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]    # no temporary file left
+    args = C.make_parser("toy", "").parse_args(["--out", str(tmp_path)])
+    C.init_run(args)
+    assert "holds an earlier run's checkpoint" in capsys.readouterr().out
+
+
+def test_derived_runs_get_their_own_out(tmp_path):
+    args = C.make_parser("mae", "").parse_args(["--weights", "runs/mae/checkpoint.pt"])
+    assert C.derived_out(args, "finetune") == "runs/mae_finetune"
+    args = C.make_parser("mae", "").parse_args(["--weights", str(tmp_path / "checkpoint.pt"), "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="holds .*checkpoint.pt, the checkpoint this run starts from"):
+        C.derived_out(args, "finetune")
+
+
+def test_one_batch_epochs_learn_and_ctrl_c_says_how_to_resume(tmp_path, monkeypatch):
+    args = C.make_parser("toy", "", epochs=3, lr=0.1).parse_args(["--out", str(tmp_path), "--warmup_epochs", "1"])
+    run = C.init_run(args)
+    seen = []
+    model = torch.nn.Linear(3, 1)
+    w0 = model.weight.detach().clone()
+    loss = lambda m, b: seen.append(m.weight.detach().clone()) or (m(b[0]) - 1).pow(2).mean()
+    C.fit(model, loss, [(torch.randn(4, 3),)], args, run)
+    assert not torch.equal(seen[1], w0)                                   # the first step moved the weights
+    assert C.lr_at(args, 0.5) > 0
+    lr_at, calls = C.lr_at, []
+    monkeypatch.setattr(C, "lr_at", lambda a, e: calls.append(e) or (_ for _ in ()).throw(KeyboardInterrupt)
+                        if e >= 1 else lr_at(a, e))
+    args = C.make_parser("toy", "", epochs=3).parse_args(["--out", str(tmp_path / "b"), "--seed", "3"])
+    with pytest.raises(SystemExit, match=r"interrupted \(Ctrl-C\) during epoch 2: .*b/checkpoint.pt holds epoch 1; "
+                                         r"to continue: python toy.py --out .*/b --seed 3 --resume .*b/checkpoint.pt"):
+        C.fit(torch.nn.Linear(3, 1), loss, [(torch.randn(4, 3),)] * 2, args, C.init_run(args))
+
+
+def test_a_constant_batch_is_reported(tmp_path, capsys):
+    args = C.make_parser("toy", "", epochs=1).parse_args(["--out", str(tmp_path)])
+    C.fit(torch.nn.Linear(3, 1), lambda m, b: m(b[0]).pow(2).mean(), [(torch.full((4, 3), 0.5),)], args, C.init_run(args))
+    assert "the first training batch is constant (every value 0.5)" in capsys.readouterr().out
+
+
+def test_small_data_helpers(tmp_path):
+    ds = torch.utils.data.TensorDataset(torch.rand(3, 3, 8, 8), torch.arange(3))
+    imgs, labels = C.first_items(ds, 8)                                   # 3, not 8
+    assert imgs.shape == (3, 3, 8, 8) and labels.tolist() == [0, 1, 2] and C.first_items(ds, 0) == []
+    path = C.save_grid(tmp_path / "g.png", [imgs, imgs[:0], imgs[:1]], texts=[["a", "b", "c"], [], ["d"]])
+    assert Image.open(path).size[1] < 4 + 3 * (96 + 4) and C.save_grid(tmp_path / "h.png", [imgs[:0]]) is None
+    X, y = torch.randn(5, 4), torch.tensor([0, 1, 0, 1, 0])
+    assert 0 <= C.knn_accuracy(X, y, X, y, k=20) <= 1                    # k > 5 training items
+    args = SimpleNamespace(data="D", batch_size=64)
+    with pytest.raises(SystemExit, match="D: 3 training and 0 held-out items"):
+        C.check_enough(ds, [], args)
+    with pytest.raises(SystemExit, match="D: 1 class"):
+        C.check_enough(ds, ds, args, ["a"], need_classes=True)
+
+
+def test_linear_probe_is_seeded_by_its_own_seed_not_the_global_state():
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(120, 8, generator=g), torch.randint(0, 3, (120,), generator=g)
+    W = torch.randn(8, 3, generator=g)
+    y = (X @ W).argmax(1)  # a learnable labelling, so the head's init matters for 20 steps
+    figures = []
+    for global_seed in (1, 2, 3):
+        torch.manual_seed(global_seed)
+        figures.append(C.linear_probe(X[:80], y[:80], X[80:], y[80:], steps=3, lr=1e-3, seed=0))
+    assert len(set(figures)) == 1, figures
