@@ -28,18 +28,20 @@ of the x0 prediction along the denoising steps (the paper's Figure 1 idea).
     python diffmae.py --smoke         # seconds: the loss is finite and falls
     python diffmae.py --bench         # PSNR and time per sampling step count; train step vs MAE
 
-A default run (12 epochs, 372 steps) measured here: held-out loss 2.28 -> 0.45; 50-step inpainting
-PSNR 13.9 dB vs 15.8 dB for the 1-step MAE-like guess, but detail 0.62 vs 0.39 of the real images'
-(sampling paints sharp, plausible content where the 1-step mean is blurry; see the PSNR note
-below); linear probe 0.42 vs 0.34 at initialization (6 classes; a short CPU run).
+A default run (12 epochs, 372 steps; 6.5 min in all on one thread of a busy CPU) measured here:
+held-out loss 2.80 -> 0.40; 50-step inpainting PSNR 14.6 dB vs 16.4 dB for the 1-step MAE-like
+guess, but detail 0.60 vs 0.46 of the real images' (sampling paints sharp, plausible content where
+the 1-step mean is blurry; see the PSNR note below); linear probe 0.35, no better than at
+initialization (0.35; 6 classes): this short run teaches the 4-block encoder little about the
+shapes' kinds (the probe moves by about 0.02 with its head's random initialization).
 
 Outputs in --out (runs/diffmae): checkpoint.pt, metrics.json (val_loss val_loss_init psnr_masked
 psnr_masked_1step probe_acc probe_acc_init, and detail_masked detail_masked_1step: the hidden
 region's neighbouring-pixel contrast as a fraction of the real image's), diffmae_inpaint.png.
 
-What is verified and what is ours (see shared/papers/diffmae.md). Verified from the paper's
-abstract, figure captions and project page: the encoder is a plain ViT on the clean visible
-patches (MAE's); only the masked patches are diffused, at a random noise level per sample; the
+What is verified and what is ours (see the fact sheet ../shared/papers/diffmae.md). Verified from
+the paper's abstract, figure captions and project page: the encoder is a plain ViT on the clean
+visible patches (MAE's); only the masked patches are diffused, at a random noise level per sample; the
 decoder predicts pixels (x0) with an L2 loss; the three decoders (joint / cross-self / cross); the
 cross decoders' blocks are connected to the encoder's blocks top-down; inpainting by iterative
 denoising with random or centre masks; ViT-B/L/H encoders at 224 (ImageNet top-1 83.9/85.8/86.9).
@@ -74,7 +76,7 @@ Departures from MAE's code and other simplifications, with reasons:
   - --decoder mae (not in the paper's study) is MAE's own decoder on the same encoder (a learned
     mask token, no noise, no t): the baseline for --bench's training-step cost.
   - Sampled x0 predictions are clamped to the valid pixel range, as DDPM samplers do.
-  - tiny preset (ours): 32x32 input, patch 4, encoder 192 wide x 6 x 3 heads (mae.py's tiny),
+  - tiny preset (ours): 32x32 input, patch 4, encoder 192 wide x 4 x 3 heads (mae.py's tiny),
     decoder 128 wide x 3 x 4 heads;
     sampling uses --sample_steps 50 of the T = 1000 steps (the paper presumably uses all T).
   - The probe is MAE's linear probe (BatchNorm without affine + linear) on mean-pooled, frozen
@@ -87,6 +89,42 @@ Departures from MAE's code and other simplifications, with reasons:
     checkpoint initializes the encoder via --weights (every encoder key matched, the decoder kept
     at its initialization): mae_pretrain_vit_{base,large,huge}.pth into --model base/large/huge,
     or mae.py's runs/mae/checkpoint.pt into tiny. No DiffMAE weights were ever released.
+
+Exercises (set one by blanking the function's body; the command grades it):
+1. Re-implement `make_schedule`, `DiffMAE.q_sample` and `DiffMAE.q_sample_masked` (the forward
+   process, reading map steps 2-3: beta_t = linspace(1e-4, 0.02, T)_t ** rho, abar_t =
+   prod_{s<=t} (1 - beta_s) with abar_0 = 1; q(x_t^m | x0^m) = N(sqrt(abar_t) x0^m, (1 - abar_t) I)
+   on the MASKED patches only, each sample at its own t ~ U{1..T}; the visible patches stay x0).
+   Grade: `python -m pytest tests/test_diffmae.py -k "forward_process"`
+2. Re-implement `DiffMAE.posterior_step`, `DiffMAE.x0_from_output` and `sample_timesteps` (the
+   sampler, step 7: x_s ~ q(x_s | x_t, x0_hat), DDPM eq. 6-7 with alpha = abar_t / abar_s so that
+   it also holds for skipped steps: mean = sqrt(abar_s)(1 - alpha)/(1 - abar_t) x0_hat +
+   sqrt(alpha)(1 - abar_s)/(1 - abar_t) x_t, variance beta_tilde = (1 - alpha)(1 - abar_s)/(1 - abar_t),
+   no noise at s = 0; x0 from an eps prediction, x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t);
+   --sample_steps timesteps evenly spaced from T down to 1, rounded). The tests run `DiffMAE.sample`
+   as a whole against a loop written with Bayes' rule on two Gaussians.
+   Grade: `python -m pytest tests/test_diffmae.py -k "sampler"`
+3. Re-implement `timestep_embedding` and `DiffMAE.forward_decoder` (the decoder's conditioning,
+   step 5: embed each noisy token x_t^m, add the MLP of t's sinusoidal embedding [cos ++ sin] to
+   every one and the position of ITS patch (ids_masked), then the cross-self blocks, block j
+   cross-attending to encoder block pairing[j]; joint: every token in its patch's slot of one
+   sequence with the visible features).
+   Grade: `python -m pytest tests/test_diffmae.py -k "conditioning"`
+4. Re-implement `forward_loss` (step 6: L = ||x0^m - D(x_t^m, t, E(x0^v))||^2, the mean over the
+   pixels of the masked patches of the batch; `forward` hands it x0, or eps with --pred eps).
+   Grade: `python -m pytest tests/test_diffmae.py -k "loss"`
+5. Explore: fewer sampling steps. Predict what 5 steps instead of 50 do to the inpainting's PSNR
+   and to its detail (the hidden region's contrast as a fraction of the real image's), then train
+   briefly and run the bench on that checkpoint, which samples with 1, 5, 10, 25, 50, 100 and 250
+   steps: `python diffmae.py --epochs 4 --out runs/d4` then
+   `python diffmae.py --bench --out runs/d4`. You should see the time grow with the steps (5
+   steps about 3x the 1-step guess, 50 about 40x); with 5 steps the PSNR stays at the 1-step
+   guess's but the hidden region is the blurriest (each long jump lands near the mean of many
+   fills), with 50 the PSNR drops and the detail is the highest: the long chain commits to one
+   sharp sample, which costs PSNR (see the PSNR note above). Measured, 4 epochs, 32 held-out
+   images, steps 1 / 5 / 50: PSNR 14.66 / 14.54 / 13.32 dB, detail 0.60 / 0.51 / 0.66,
+   0.08 / 0.25 / 3.1 s on one thread of a shared CPU.
+   Grade: `python -m pytest tests/test_diffmae.py -k "sample_steps"`
 """
 import math
 from pathlib import Path
@@ -258,6 +296,19 @@ def timestep_embedding(t, dim, max_period=10000):
 # ---------------------------------------------------------------------------------------------
 # The paper's idea: diffusion on the masked patches only, decoded from the encoder's features
 # ---------------------------------------------------------------------------------------------
+# Reading map (the `# step N` comments below):
+#   step 1  split the patches: visible x0^v (kept) and masked x0^m (hidden), MAE's random masking.
+#   step 2  the noise schedule: beta_t = linspace(1e-4, 0.02, T)_t ** rho, abar_t = prod_{s<=t} (1 - beta_s).
+#   step 3  the forward process on the MASKED patches only, t ~ U{1..T} per sample:
+#           x_t^m = sqrt(abar_t) x0^m + sqrt(1 - abar_t) eps; the visible patches stay clean.
+#   step 4  the encoder E(x0^v) on the clean visible patches only (no noise, no t).
+#   step 5  the decoder's conditioning: embed x_t^m, add the timestep embedding and each noisy
+#           token's own position, then (cross-self) self-attend among the noisy tokens and
+#           cross-attend to encoder block pairing[j] (top-down); predict x0^m (or eps).
+#   step 6  the loss L = ||x0^m - D(x_t^m, t, E(x0^v))||^2 on the masked patches only.
+#   step 7  sampling: x_T^m ~ N(0, I); at each of the strided timesteps t > s predict x0, clamp it,
+#           step to x_s ~ q(x_s | x_t, x0_hat) (mean coef1 x0_hat + coef2 x_t, variance
+#           beta_tilde; no noise at s = 0), paste the visible patches back.
 
 def make_schedule(schedule="linear", T=1000, rho=0.8):
     """Returns (betas (T,), abar (T+1,)) with abar[0] = 1 and abar[t] = prod_{s<=t} (1 - beta_s).
@@ -272,8 +323,8 @@ def make_schedule(schedule="linear", T=1000, rho=0.8):
         betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
     else:
         raise ValueError(f"unknown schedule {schedule!r}")
-    betas = betas ** rho
-    abar = torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(1 - betas, 0)])  # (T+1,)
+    betas = betas ** rho  # step 2
+    abar = torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(1 - betas, 0)])  # (T+1,) step 2
     return betas.float(), abar.float()
 
 
@@ -396,11 +447,11 @@ class DiffMAE(nn.Module):
     def q_sample(self, x0, t, noise):
         """q(x_t | x0) = N(sqrt(abar_t) x0, (1 - abar_t) I):  x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps."""
         ab = self.abar[t].view(-1, *([1] * (x0.dim() - 1)))  # (N, 1, ...)
-        return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+        return ab.sqrt() * x0 + (1 - ab).sqrt() * noise  # step 3
 
     def q_sample_masked(self, x0, t, noise, mask):
         """Diffuse the masked patches only; visible patches stay exactly x0. x0, noise (N, L, P)."""
-        return torch.where(mask.unsqueeze(-1).bool(), self.q_sample(x0, t, noise), x0)  # (N, L, P)
+        return torch.where(mask.unsqueeze(-1).bool(), self.q_sample(x0, t, noise), x0)  # (N, L, P) step 3
 
     def posterior_step(self, x_t, x0_hat, t, s, noise):
         """x_s ~ q(x_s | x_t, x0 = x0_hat) for s < t (DDPM eq. 6-7; s = t-1 is plain DDPM, s < t-1
@@ -410,8 +461,8 @@ class DiffMAE(nn.Module):
         ab_t, ab_s = self.abar[t], self.abar[s]
         alpha = ab_t / ab_s
         mean = (ab_s.sqrt() * (1 - alpha) / (1 - ab_t)) * x0_hat + (alpha.sqrt() * (1 - ab_s) / (1 - ab_t)) * x_t
-        var = (1 - alpha) * (1 - ab_s) / (1 - ab_t)
-        return mean + var.sqrt() * noise
+        var = (1 - alpha) * (1 - ab_s) / (1 - ab_t)  # beta_tilde
+        return mean + var.sqrt() * noise  # step 7
 
     def x0_from_output(self, out, x_t, t):
         """The decoder's output as an x0 estimate: itself (--pred x0), or from eps:
@@ -425,14 +476,14 @@ class DiffMAE(nn.Module):
     def forward_decoder(self, x_t_m, t, latent, feats, ids_masked, ids_restore):
         """D(x_t^m, t, E(x0^v)) -> (N, Lm, P) predictions for the masked patches only."""
         N, Lm = ids_masked.shape
-        pos = take(self.decoder_pos_embed[:, 1:].expand(N, -1, -1), ids_masked)  # (N, Lm, Dd)
+        pos = take(self.decoder_pos_embed[:, 1:].expand(N, -1, -1), ids_masked)  # (N, Lm, Dd) step 5
         if self.decoder == "mae":
             y = self.mask_token.expand(N, Lm, -1)  # (N, Lm, Dd): MAE's mask token, no noise
         else:
             y = self.decoder_patch_embed(x_t_m)  # (N, Lm, Dd)
             if hasattr(self, "decoder_t_embed"):
                 temb = self.decoder_t_embed(timestep_embedding(t, y.shape[-1]))  # (N, Dd)
-                y = y + temb.unsqueeze(1)
+                y = y + temb.unsqueeze(1)  # step 5: the same t embedding on every noisy token
         if self.decoder in ("joint", "mae"):
             # MAE-style: visible features and noisy tokens in one sequence, self-attention over all
             x = self.decoder_embed(latent)  # (N, 1+Lv, Dd)
@@ -445,7 +496,7 @@ class DiffMAE(nn.Module):
         else:
             # cross-self / cross: only the noisy tokens are decoder tokens; encoder features come in
             # through cross-attention, decoder block j reading encoder block pairing[j] (top-down)
-            y = y + pos
+            y = y + pos  # step 5: each noisy token at its own position
             for blk, i in zip(self.decoder_blocks, self.pairing):
                 y = blk(y, feats[i])
         return self.decoder_pred(self.decoder_norm(y))  # (N, Lm, P)
@@ -458,18 +509,18 @@ class DiffMAE(nn.Module):
         L = self.grid ** 2
         if ids_shuffle is None:
             ids_shuffle, len_keep = random_masking(N, L, mask_ratio, imgs.device)
-        ids_keep, ids_masked, ids_restore, mask = split_ids(ids_shuffle, len_keep)
+        ids_keep, ids_masked, ids_restore, mask = split_ids(ids_shuffle, len_keep)  # step 1
         x0 = patchify(imgs, self.patch_size)  # (N, L, P)
         if t is None:
             t = torch.randint(1, self.T + 1, (N,), device=imgs.device)  # t ~ U{1..T} per sample
         if noise is None:
             noise = torch.randn_like(x0)  # (N, L, P)
-        x_t = self.q_sample_masked(x0, t, noise, mask)  # (N, L, P) noisy masked, clean visible
-        latent, feats = self.forward_encoder(imgs, ids_keep)  # clean visible patches only
+        x_t = self.q_sample_masked(x0, t, noise, mask)  # (N, L, P) noisy masked, clean visible (step 3)
+        latent, feats = self.forward_encoder(imgs, ids_keep)  # clean visible patches only (step 4)
         out = self.forward_decoder(take(x_t, ids_masked), t, latent, feats, ids_masked, ids_restore)
-        pred = torch.zeros_like(x0).scatter(1, ids_masked.unsqueeze(-1).expand_as(out), out)  # (N, L, P)
+        pred = torch.zeros_like(x0).scatter(1, ids_masked.unsqueeze(-1).expand_as(out), out.to(x0.dtype))  # (N, L, P)
         target = noise if (self.pred == "eps" and self.decoder != "mae") else x0
-        return forward_loss(target, pred, mask), pred, mask
+        return forward_loss(target, pred, mask), pred, mask  # step 6
 
     # -- sampling (inpainting) --------------------------------------------------------------
     @torch.no_grad()
@@ -483,9 +534,9 @@ class DiffMAE(nn.Module):
         x0 = patchify(imgs, self.patch_size)  # (N, L, P)
         latent, feats = self.forward_encoder(imgs, ids_keep)
         N, Lm = ids_masked.shape
-        x_m = torch.randn(N, Lm, x0.shape[-1], device=imgs.device, generator=generator)  # x_T^m
+        x_m = torch.randn(N, Lm, x0.shape[-1], device=imgs.device, generator=generator)  # x_T^m (step 7)
         ts = sample_timesteps(self.T, steps)
-        paste = lambda xm: unpatchify(x0.scatter(1, ids_masked.unsqueeze(-1).expand_as(xm), xm),
+        paste = lambda xm: unpatchify(x0.scatter(1, ids_masked.unsqueeze(-1).expand_as(xm), xm.to(x0.dtype)),
                                       self.patch_size)  # (N, 3, H, W)
         preds = []
         for k, t in enumerate(ts):
@@ -501,8 +552,9 @@ class DiffMAE(nn.Module):
 
 
 PRESETS = {
-    # ours, CPU-sized; the encoder is mae.py's tiny, so its checkpoint initializes this encoder
-    "tiny": dict(img_size=32, patch_size=4, embed_dim=192, depth=6, num_heads=3,
+    # ours, CPU-sized; the encoder is mae.py's tiny (192 x 4 x 3 heads, 32 px, patch 4), so that
+    # mae.py's checkpoint initializes it (tests/test_diffmae.py::test_lineage_*)
+    "tiny": dict(img_size=32, patch_size=4, embed_dim=192, depth=4, num_heads=3,
                  decoder_embed_dim=128, decoder_depth=3, decoder_num_heads=4),
     # the paper's encoders (ViT-B/16, L/16, H/14 at 224, as MAE); decoder 512 x 8 x 16 heads is
     # MAE's default, DiffMAE's decoder size is unverified
@@ -529,7 +581,7 @@ def forward_loss(target, pred, mask):
     """L = E ||x0^m - D(x_t^m, t, E(x0^v))||^2: squared error averaged over the pixels of a patch,
     then over the masked patches of the batch only (visible patches carry no loss)."""
     per_patch = ((pred - target) ** 2).mean(dim=-1)  # (N, L)
-    return (per_patch * mask).sum() / mask.sum()
+    return (per_patch * mask).sum() / mask.sum()  # step 6
 
 
 # ---------------------------------------------------------------------------------------------
@@ -586,9 +638,10 @@ def load_weights(model, path):
         print(f"loaded {path}", flush=True)
     else:
         encoder = {k: v for k, v in state.items() if not k.startswith(("decoder", "mask_token"))}
-        C.load_state(model, encoder, path, allow_missing=("decoder", "mask_token"))
-        print(f"loaded the encoder of {path}; it has no {model.decoder} decoder, which keeps its "
-              f"initialization", flush=True)
+        C.load_state(model, encoder, path, allow_missing=("decoder", "mask_token"))  # every encoder key
+        print(f"loaded the encoder of {path} ({len(encoder)} tensors: patch_embed, cls_token, pos_embed, "
+              f"{len(model.blocks)} blocks, norm); the {model.decoder} decoder keeps its initialization (the file "
+              f"holds none of its shape)", flush=True)
 
 
 @torch.no_grad()
@@ -682,7 +735,9 @@ def train(args, run):
     model = build_model(args)
     if args.weights:
         load_weights(model, args.weights)
+    C.check_resume(model, args)  # a --resume of another model ends here, before the evaluation below
     train_ds, val_ds, classes = C.image_data(args)
+    C.check_enough(train_ds, val_ds, args)
     model.to(run.device)
     init = {}
     if run.is_main:  # the same model before training, for comparison
@@ -783,8 +838,8 @@ def smoke(args, run):
 # ---------------------------------------------------------------------------------------------
 
 def main(argv=None):
-    p = C.make_parser("diffmae", __doc__, epochs=12, batch_size=64, lr=1e-3, weight_decay=0.05,
-                      warmup_epochs=1, input_size=None)
+    p = C.make_parser("diffmae", __doc__, presets=PRESETS, epochs=12, batch_size=64, lr=1e-3,
+                      weight_decay=0.05, warmup_epochs=1, input_size=None)
     p.add_argument("--mask_ratio", type=float, default=0.75, help="fraction of patches hidden (random masks)")
     p.add_argument("--decoder", default="cross_self", choices=["cross_self", "cross", "joint", "mae"],
                    help="the paper's three decoders; 'mae' is MAE's decoder on the same encoder (baseline)")
@@ -796,19 +851,21 @@ def main(argv=None):
     p.add_argument("--sample_steps", type=int, default=50, help="denoising steps when inpainting (<= T)")
     p.add_argument("--center_size", type=float, default=0.5, help="side of the centre mask / image side")
     p.add_argument("--eval_images", type=int, default=128, help="held-out images inpainted for the PSNR")
-    args = p.parse_args(argv)
-    if args.model not in PRESETS:
-        C.die(f"unknown --model {args.model!r}; choose from {', '.join(PRESETS)}")
+    args = p.parse_args(argv)  # --model: one of PRESETS (argparse's choices)
     patch = PRESETS[args.model]["patch_size"]
-    args.input_size = args.input_size or PRESETS[args.model]["img_size"]
-    if args.input_size % patch:
-        C.die(f"--input_size {args.input_size} is not a multiple of the patch size {patch}")
-    L = (args.input_size // patch) ** 2
-    if not 0 < L - int(L * (1 - args.mask_ratio)) < L or int(L * (1 - args.mask_ratio)) < 1:
-        C.die(f"--mask_ratio {args.mask_ratio} leaves no hidden or no visible patch of {L}")
-    if args.T < 1 or args.sample_steps < 1 or args.rho <= 0 or not 0 < args.center_size < 1:
-        C.die("--T, --sample_steps and --rho must be positive and --center_size in (0, 1)")
-    run = C.init_run(args)
+    if args.input_size is None:
+        args.input_size = PRESETS[args.model]["img_size"]
+    if not 0 <= args.mask_ratio < 1:
+        C.die(f"--mask_ratio {args.mask_ratio}: must be in [0, 1) (1 would leave nothing visible)")
+    if args.input_size > 0 and args.input_size % patch == 0:  # else init_run names the bad --input_size
+        L = (args.input_size // patch) ** 2
+        if not 0 < L - int(L * (1 - args.mask_ratio)) < L or int(L * (1 - args.mask_ratio)) < 1:
+            C.die(f"--mask_ratio {args.mask_ratio}: leaves no hidden or no visible patch of {L}")
+    if not (args.rho > 0 and math.isfinite(args.rho)):
+        C.die(f"--rho {args.rho}: must be a positive number")
+    if not 0 < args.center_size < 1:
+        C.die(f"--center_size {args.center_size}: must be in (0, 1) (a fraction of the image side)")
+    run = C.init_run(args, patch_size=patch)  # --T, --sample_steps, --eval_images > 0: check_args
     if args.smoke:
         smoke(args, run)
     elif args.bench:

@@ -71,6 +71,39 @@ Departures from the official code, and why
   semantics), and `--weights FILE.npz` reads such a tree saved with numpy. The released files'
   text tower reads BERT WordPiece ids, though, which this script's tokenizer does not produce,
   so loading one stops with that error: using them end to end needs the BERT tokenizer.
+
+Exercises (set one by blanking the function's body; the command grades it):
+1. Re-implement `random_masking` (Sec. 3 "Image masking", step 3 of the reading map; the official
+   `random_mask`): draw `noise = torch.rand(B, L, generator=generator)`, argsort it per sample,
+   keep the first len_keep = int(L (1 - r)) tokens (smallest noise first), and return them with
+   the mask (1 = removed) in the patch order and ids_restore.
+   Grade: `python -m pytest tests/test_flip.py -k "masking"`
+2. Re-implement `VisionTower.forward` (Sec. 3 and Fig. 2, steps 1-5): patchify, add each patch's
+   sin-cos position BEFORE masking (so a kept token keeps its own), mask with `random_masking`
+   and the given generator, prepend the cls token (no position), blocks, final LayerNorm, then
+   the mean over all tokens, cls included.
+   Grade: `python -m pytest tests/test_flip.py -k "vision_tower"`
+3. Re-implement `flip_loss` and `FLIP.clipped_logit_scale` (Sec. 3, the official
+   `compute_contrastive_loss`, step 8): the symmetric InfoNCE loss over the gathered global batch,
+   logits e^s Z_img Z_txt^T, the positives on the diagonal, the mean of both directions; s the
+   learnable log scale clipped to [0, ln 100] in the forward pass only (the parameter stays free).
+   Grade: `python -m pytest tests/test_flip.py -k "infonce"`
+4. Re-implement `TextTower.forward` (Sec. 3 "text encoder", step 6): token embeddings plus the
+   first T learned positions, blocks with no causal and no padding mask, final LayerNorm, and
+   the FIRST token's output (the official txt_avg_token=False, not CLIP's end-of-text token).
+   Grade: `python -m pytest tests/test_flip.py -k "text_tower"`
+5. Explore: mask 0 vs 0.5 at EQUAL COMPUTE (the paper's Fig. 1 and Table 1a: not equal epochs).
+   At mask 0.5 the image tower gets 1 + 32 tokens instead of 1 + 64, and one training step of
+   `tiny` costs 0.58x the FLOPs of an unmasked one (15.6 vs 26.8 GFLOPs per batch of 64: the
+   text tower is not masked). So 10 masked epochs cost what 6 unmasked ones do. Predict which
+   retrieves better, then run `python flip.py --mask_ratio 0 --epochs 6` and
+   `python flip.py --mask_ratio 0.5 --epochs 10`, and read i2t_r1 / t2i_r1 in metrics.json.
+   You should see masking win (measured, i2t / t2i R@1: seed 0, 0.34 / 0.34 unmasked vs
+   0.39 / 0.40 masked, R@5 0.73 / 0.76 vs 0.78 / 0.80; with --seed 1, 0.23 / 0.26 vs 0.31 / 0.34),
+   while at equal epochs (`--mask_ratio 0.5 --epochs 6`, 0.58x the compute) it loses a little
+   (0.32 / 0.33, seed 0). Zero-shot shape accuracy is too young to tell at this length (0.25 vs
+   0.24, and 0.23 vs 0.24; shape words are learned last, see above).
+   Grade: `python -m pytest tests/test_flip.py -k "vision_tower_sends or eval_sees"`
 """
 import argparse
 import math
@@ -150,6 +183,20 @@ def sincos_pos_embed_2d(dim, grid_h, grid_w):
 # ================================================================================================
 # The paper's idea: drop a random subset of the image patches before the image tower
 # ================================================================================================
+#
+# One training step of FLIP (Sec. 3, Fig. 2; official models_flip.py), in the order of the code:
+#   1. patchify: a conv with kernel = stride = p, (B, 3, H, W) -> (B, L, D), patches row by row
+#   2. add the fixed 2-D sin-cos position of every patch BEFORE masking, so that each kept token
+#      carries its own position (patch j gets row 1 + j of the table; row 0 is the cls slot)
+#   3. random masking (the official `random_mask`): uniform noise per patch, argsort, keep the
+#      len_keep = int(L (1 - r)) patches with the SMALLEST noise; mask 1 = removed, patch order
+#   4. prepend the cls token (no position): only the 1 + len_keep tokens reach the blocks
+#   5. pre-norm ViT blocks, final LayerNorm, mean over ALL output tokens (cls included)
+#   6. text tower: token + learned 1-D positions, blocks with NO causal and no padding mask,
+#      final LayerNorm, output of the FIRST token (official txt_avg_token=False)
+#   7. bias-free linear projections, L2-normalised: z / (||z|| + 1e-8)
+#   8. s = clip(logit_scale, 0, ln 100) (initialised to ln 1/0.07), logits = e^s Z_img Z_txt^T over
+#      the global batch, symmetric cross entropy with the positives on the diagonal (loss section)
 
 
 def random_masking(x, mask_ratio, generator=None):
@@ -158,10 +205,10 @@ def random_masking(x, mask_ratio, generator=None):
     1 = removed, 0 = kept, in the original token order, and ids_restore (B, L)."""
     B, L, D = x.shape
     len_keep = int(L * (1 - mask_ratio))
-    noise = torch.rand(B, L, device=x.device, generator=generator)  # (B, L) small = keep
+    noise = torch.rand(B, L, device=x.device, generator=generator)  # step 3: (B, L) small = keep
     ids_shuffle = noise.argsort(dim=1)  # (B, L)
     ids_restore = ids_shuffle.argsort(dim=1)  # (B, L)
-    ids_keep = ids_shuffle[:, :len_keep]  # (B, len_keep)
+    ids_keep = ids_shuffle[:, :len_keep]  # (B, len_keep): the smallest noise
     x_visible = x.gather(1, ids_keep[:, :, None].expand(B, len_keep, D))  # (B, len_keep, D)
     mask = torch.ones(B, L, device=x.device)
     mask[:, :len_keep] = 0
@@ -188,15 +235,15 @@ class VisionTower(nn.Module):
         self.norm = nn.LayerNorm(width, eps=1e-6)  # official "encoder_norm"
 
     def forward(self, imgs, mask_ratio=0.0, generator=None):
-        x = self.patch_embed.proj(imgs)  # (B, D, h, w)
-        x = x.flatten(2).transpose(1, 2)  # (B, L, D)
-        x = x + self.pos_embed[:, 1:]  # positions first, so a kept patch knows where it was
+        x = self.patch_embed.proj(imgs)  # step 1: (B, D, h, w)
+        x = x.flatten(2).transpose(1, 2)  # (B, L, D), patch j = row j // w, column j % w
+        x = x + self.pos_embed[:, 1:]  # step 2: positions first, so a kept patch knows where it was
         mask = None
         if mask_ratio > 0:
-            x, mask, _ = random_masking(x, mask_ratio, generator)  # (B, L_keep, D): the saving
+            x, mask, _ = random_masking(x, mask_ratio, generator)  # step 3: (B, L_keep, D)
         cls = self.cls_token.expand(x.shape[0], -1, -1)  # (B, 1, D), no position (zero)
-        x = torch.cat([cls, x], dim=1)  # (B, 1+L_keep, D)
-        for blk in self.blocks:
+        x = torch.cat([cls, x], dim=1)  # step 4: (B, 1+L_keep, D)
+        for blk in self.blocks:  # step 5
             x = blk(x)
         x = self.norm(x)
         return x.mean(dim=1), mask  # global average pooling over cls + visible tokens: (B, D)
@@ -215,8 +262,8 @@ class TextTower(nn.Module):
         self.norm = nn.LayerNorm(width, eps=1e-6)
 
     def forward(self, tokens):
-        x = self.token_embed(tokens) + self.pos_embed[:, : tokens.shape[1]]  # (B, T, W)
-        for blk in self.blocks:
+        x = self.token_embed(tokens) + self.pos_embed[:, : tokens.shape[1]]  # step 6: (B, T, W)
+        for blk in self.blocks:  # no attention mask: every token sees every token, pads included
             x = blk(x)
         return self.norm(x)[:, 0]  # (B, W): first-token pooling (official txt_avg_token=False)
 
@@ -253,14 +300,14 @@ class FLIP(nn.Module):
 
     def encode_image(self, imgs, mask_ratio=0.0, generator=None):
         h, mask = self.visual(imgs, mask_ratio, generator)
-        return l2_normalize(self.img_proj(h)), mask  # (B, E), (B, L) or None
+        return l2_normalize(self.img_proj(h)), mask  # step 7: (B, E), (B, L) or None
 
     def encode_text(self, tokens):
-        return l2_normalize(self.txt_proj(self.text(tokens)))
+        return l2_normalize(self.txt_proj(self.text(tokens)))  # step 7: (B, E)
 
     def clipped_logit_scale(self):
-        # clipped in the forward pass only (the parameter itself is free): the gradient is zero
-        # outside [0, ln 100], so the temperature 1/exp(s) never falls below 0.01
+        # step 8: clipped in the forward pass only (the parameter itself is free): the gradient
+        # is zero outside [0, ln 100], so the temperature 1/exp(s) never falls below 0.01
         return self.logit_scale.clamp(0, math.log(100))
 
     def forward(self, imgs, tokens, mask_ratio=None):
@@ -324,25 +371,28 @@ def gather_global(z):
 
 
 def flip_loss(z_img, z_txt, logit_scale):
-    """L = 1/2 [ CE(s * Zi Zt^T, diag) + CE(s * Zt Zi^T, diag) ] over the global batch.
-    Every rank computes the same loss on the gathered batch; with DDP's gradient averaging this
-    gives exactly the single-process gradient of the whole batch."""
+    """L = 1/2 [ CE(e^s Zi Zt^T, diag) + CE(e^s Zt Zi^T, diag) ] over the global batch, each CE
+    the mean over the N rows; z_img, z_txt (B, E) unit vectors, logit_scale s (1,) the clipped LOG
+    of the scale (the temperature is e^-s). Every rank computes the same loss on the gathered
+    batch; with DDP's gradient averaging this gives exactly the single-process gradient of the
+    whole batch."""
     z_img, z_txt = gather_global(z_img), gather_global(z_txt)  # (N, E) each
-    logits = logit_scale.exp() * z_img @ z_txt.t()  # (N, N): s * cos(image_i, text_j)
+    logits = logit_scale.exp() * z_img @ z_txt.t()  # step 8: (N, N), e^s cos(image_i, text_j)
     target = torch.arange(logits.shape[0], device=logits.device)  # the positives: the diagonal
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
 
 
 def flip_param_groups(model, weight_decay):
-    """The official `exclude_wd`: no weight decay on biases, LayerNorm scales, the cls token and
-    the position embeddings; everything else (the logit scale and the token embedding included)
-    is decayed."""
+    """The official `exclude_wd` mask (t5x/train_state_initializer.py: filter_bias_and_norm and
+    filter_posembed): no weight decay on biases, LayerNorm scales and the position embeddings;
+    everything else is decayed, the cls token, the logit scale and the token embedding included
+    (the config's comment says "bias, norm, cls, posembed", but the mask in use leaves cls in)."""
     norms = {id(p) for m in model.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()}
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        skip = name.endswith(".bias") or id(p) in norms or name.endswith(("cls_token", "pos_embed"))
+        skip = name.endswith(".bias") or id(p) in norms or name.endswith("pos_embed")
         (no_decay if skip else decay).append(p)
     return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
 
@@ -498,16 +548,17 @@ def masked_view(imgs, mask, patch):
 
 @torch.no_grad()
 def save_picture(model, val_ds, probs, classes, args, n=8):
-    """Row 1: held-out images with their top-3 zero-shot labels; row 2: the masked view."""
-    imgs = torch.stack([val_ds[i][0] for i in range(n)])  # (n, 3, S, S)
+    """Row 1: held-out images with their top-3 zero-shot labels; row 2: the masked view. The first n
+    (or fewer) items of the set `evaluate` scored (its --eval_max subsample), so that probs row i is image i."""
+    imgs, _, labels = C.first_items(C.eval_subset(val_ds, getattr(args, "eval_max", 0)), n)  # (n, 3, S, S), ..., (n,)
+    n = len(imgs)
     shown = C.denormalize(imgs)
     texts = []
     if probs is not None:
         for p in probs[:n]:
             v, k = p.topk(min(3, len(classes)))
             texts.append("\n".join(f"{classes[j][:10]} {x:.2f}" for x, j in zip(v.tolist(), k.tolist())))
-        labels = [int(val_ds[i][2]) for i in range(n)]
-        texts = [t + (f"\n(true: {classes[y][:10]})" if y >= 0 else "") for t, y in zip(texts, labels)]
+        texts = [t + (f"\n(true: {classes[y][:10]})" if y >= 0 else "") for t, y in zip(texts, labels.tolist())]
     ratio = model.mask_ratio if model.mask_ratio > 0 else 0.5
     _, mask = model.visual(imgs.to(next(model.parameters()).device), ratio, None)
     seen = int(model.visual.grid ** 2 * (1 - ratio))
@@ -521,16 +572,16 @@ def train(args, run):
     ckpt = C.load_checkpoint(source) if source else None
     vocab = (ckpt.get("args") or {}).get("vocab") if isinstance(ckpt, dict) else None  # travels with it
     train_ds, val_ds, classes, templates = data(args)
+    C.check_enough(train_ds, val_ds, args)  # too few to train and evaluate: one line, before any work
     if vocab is None:
         vocab = Tokenizer.build(list(train_ds.captions) + [t.format(c) for c in classes for t in templates]).vocab
     args.vocab = vocab  # saved in checkpoint.pt with the other args
     tokenizer = Tokenizer(vocab, args.context_length)
-    if args.input_size % PRESETS.get(args.model, {}).get("patch_size", 1):
-        C.die(f"--input_size {args.input_size} is not a multiple of the patch size of '{args.model}'")
     model = create_model(args.model, img_size=args.input_size, vocab_size=len(vocab),
                          context_length=args.context_length, mask_ratio=args.mask_ratio).to(run.device)
     if args.weights:
         load_weights(model, args.weights, ckpt)
+    C.check_resume(model, args)  # a --resume of another model ends here, before the evaluation at init
     if args.blr is not None:  # the official rule: lr = blr * global batch / 256
         args.lr = args.blr * args.batch_size * run.world_size / 256
     C.log(run, f"FLIP {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
@@ -693,7 +744,7 @@ def smoke(args, run):
 
 
 def main(argv=None):
-    p = C.make_parser("flip", __doc__, epochs=30, lr=1e-3, weight_decay=0.2, warmup_epochs=1, batch_size=64)
+    p = C.make_parser("flip", __doc__, presets=PRESETS, epochs=30, lr=1e-3, weight_decay=0.2, warmup_epochs=1, batch_size=64)
     p.add_argument("--mask_ratio", type=float, default=0.5, help="fraction of image patches removed in training")
     p.add_argument("--unmasked_tune_epochs", type=int, default=0,
                    help="then this many epochs with mask 0 at lr / 100 (the paper's unmasked tuning)")
@@ -701,11 +752,7 @@ def main(argv=None):
     p.add_argument("--classes", default=None, help="comma-separated class names to prompt for zero-shot")
     p.add_argument("--context_length", type=int, default=32, help="caption tokens (official: 32)")
     args = p.parse_args(argv)
-    if not 0 <= args.mask_ratio < 1:
-        C.die(f"--mask_ratio {args.mask_ratio}: must be in [0, 1)")
-    if args.model not in PRESETS:
-        C.die(f"unknown model '{args.model}' (choose from {', '.join(PRESETS)})")
-    run = C.init_run(args)
+    run = C.init_run(args, patch_size=None if args.bench else PRESETS[args.model]["patch_size"])
     if args.smoke:
         smoke(args, run)
     elif args.bench:

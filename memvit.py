@@ -63,6 +63,38 @@ Departures from the official code (and why):
   memory layer. With K = 4 the cue must travel two hops (block 0 at clip 1/2, then block 2 at
   clip 3); in a 5-epoch CPU run that last hop was not learnt (clips 1-2 at 100 %, clip 3 at chance),
   so the default stays at what a few CPU minutes can show. The support test checks the path exists.
+
+Exercises (set one by blanking the function's body; the command grades it):
+1. Re-implement `MemoryMultiScaleAttention.update_memory` and `MeMViT.sample_memory` (the paper's
+   memory caching, K = [M_{t-gap·2}; M_{t-gap}; x] W_k above; reading map steps 0, 3, 5, 6: cache
+   this clip's pooled k/v detached, hand back the selected memories oldest first, re-detach clip
+   t-1's, keep (ATTN_MAX_LEN - 1) * gap clips; `all` attends every cached clip, `gapN` the clips
+   t-N, t-2N, ...).
+   Grade: `python -m pytest tests/test_memvit.py -k "cache"`
+2. Re-implement `MemoryMultiScaleAttention.compress` and
+   `MemoryMultiScaleAttention.compress_previous` (the paper's memory compression and pipelined
+   compression, Fig. 2: "we cache the uncompressed memory, which will only be compressed at the
+   next iteration"; step 4: f = LayerNorm after a learnt depthwise 7x3x3 / 4x2x2 Conv3d, cls
+   bypassing the conv; applied once, to clip t-1's raw memory at step t, with gradient, so step
+   t's loss trains f).
+   Grade: `python -m pytest tests/test_memvit.py -k "compress"`
+3. Re-implement `MemoryMultiScaleAttention.memory_rel_pos` (MViTv2's decomposed relative
+   positions extended to the memory keys, step 8: the memory's own tables, temporal index
+   i + (Mt - 1 - j) * s_t over the memories' frames oldest first, a 0 column for each memory's cls).
+   Grade: `python -m pytest tests/test_memvit.py -k "memory_positions"`
+4. Re-implement `MemoryMultiScaleAttention.mask_memory` (step 2, official rule for a stream that
+   moves to another video: with batch > 1 that sample's cached memory is ZEROED, not masked; with
+   batch 1 the stale clips are dropped and the selections renumbered).
+   Grade: `python -m pytest tests/test_memvit.py -k "switch"`
+5. Explore: the official AVA sampler `gap2` (memories t-2 and t-4) instead of the tiny default
+   `all` (t-1 and t-2). Predict the accuracy at each of the K = 3 clips, then run
+   `python memvit.py --sampler gap2` and read `acc_per_clip` in runs/memvit/metrics.json. You
+   should see clip 1 fall to chance (its cache holds only t-1, which gap2 skips) while the last
+   clip still reads the cue from t-2, even though with gap2 the compressor never gets a gradient
+   (the freshly compressed t-1 memory is never attended): its random init still passes the cue
+   (measured, default 5 epochs: acc_per_clip 1.00 / 0.26 / 0.99 with gap2, 1.00 / 1.00 / 1.00
+   with `all`; gap2's temporal support is 9 clips against 5).
+   Grade: `python -m pytest tests/test_memvit.py -k "gap"`
 """
 import math
 import os
@@ -168,15 +200,18 @@ def rel_pos_term(r_q, Rt, Rh, Rw):
 #                        stored BEFORE the k/v Linear and detached; all but the newest compressed
 #   cached_ids         : list of (B,) video ids, to tell which memory belongs to which video
 #
-# Per call (official order, attention.py):
-#   1. pool q, k, v from the block input (pool-first); q = W_q q
-#   2. zero every cached sample whose video id differs from the stream's current id
-#   3. append the current pooled k, v, detached          (stop-gradient: no BPTT)
-#   4. compress cache[-2] (clip t-1, still raw) NOW, with gradient   (pipelined compression)
-#   5. K_in = [cache[i] for i in selections] + [k];  V_in likewise
-#   6. detach cache[-2] again; drop the oldest entry once the cache holds keep_max_len
-#   7. k = W_k K_in, v = W_v V_in  (today's weights project yesterday's memory)
-#   8. attention with relative positions (separate tables for memory), residual pooling, proj
+# Per call (official order, attention.py), with the function that does each step:
+#   0. which cached clips to attend: `all`, or every gap-th one (MeMViT.sample_memory)
+#   1. pool q, k, v from the block input (pool-first); q = W_q q                       (forward)
+#   2. zero every cached sample whose video id differs from the stream's current id (mask_memory)
+#   3. append the current pooled k, v, detached          (stop-gradient: no BPTT)  (update_memory)
+#   4. compress cache[-2] (clip t-1, still raw) NOW, with gradient   (pipelined compression:
+#      compress_previous, which applies f = compress)
+#   5. K_in = [cache[i] for i in selections] + [k];  V_in likewise                 (update_memory)
+#   6. detach cache[-2] again; drop the oldest entry once the cache holds keep_max_len (idem)
+#   7. k = W_k K_in, v = W_v V_in  (today's weights project yesterday's memory)          (forward)
+#   8. attention with relative positions (separate tables for memory: memory_rel_pos), residual
+#      pooling, proj                                                                   (forward)
 
 
 class MemoryMultiScaleAttention(nn.Module):
@@ -263,13 +298,48 @@ class MemoryMultiScaleAttention(nn.Module):
         out, thw_c = pool_tokens(mem[:, None], pool, thw, norm)  # (B, 1, 1 + T'H'W', dim)
         return out[:, 0], thw_c  # (B, 1 + T'H'W', dim)
 
+    def compress_previous(self, thw):
+        """Step 4, pipelined compression: cache[-2] is clip t-1's memory, cached raw (grid thw) at
+        the previous step; compress it NOW, once, with gradient on, so that this step's loss
+        trains f while the input M_{t-1} itself stays stop-gradient:
+            cache[-2] <- f(M_{t-1}) = LN(DepthwiseConv3d(M_{t-1}))   (cls bypasses the conv).
+        Returns the compressed grid [T', H', W'] (None while there is no t-1 entry)."""
+        if len(self.cached_k) < 2:
+            return None
+        self.cached_k[-2], thw_c = self.compress(self.cached_k[-2], self.compress_k,
+                                                 self.norm_compress_k, thw)
+        self.cached_v[-2], _ = self.compress(self.cached_v[-2], self.compress_v,
+                                             self.norm_compress_v, thw)
+        return thw_c
+
+    def update_memory(self, k, v, thw, ids, selections):
+        """Steps 2-6, the cache. k, v (B, 1 + N, dim): this clip's pooled k/v BEFORE the Linear, on
+        grid thw; ids (B,) video ids; selections: which cached clips (indices into the cache as it
+        was before this call, oldest first) to attend. Returns (mem_k, mem_v, mem_thw): the selected
+        memories, lists of (B, 1 + N_m, dim) oldest first, and their (compressed) grid."""
+        B = k.shape[0]
+        selections = self.mask_memory(ids, selections)                      # step 2
+        self.cached_k.append(k.detach())                                    # step 3: stop-grad
+        self.cached_v.append(v.detach())
+        self.cached_ids.append(ids)
+        mem_thw = self.compress_previous(thw)                               # step 4: f(M_{t-1})
+        mem_k = [self.cached_k[:-1][i][:B] for i in selections]              # step 5
+        mem_v = [self.cached_v[:-1][i][:B] for i in selections]
+        if len(self.cached_k) > 1:                                           # step 6
+            self.cached_k[-2] = self.cached_k[-2].detach()
+            self.cached_v[-2] = self.cached_v[-2].detach()
+        if len(self.cached_k) == self.keep_max_len:
+            self.cached_k, self.cached_v = self.cached_k[1:], self.cached_v[1:]
+            self.cached_ids = self.cached_ids[1:]
+        return mem_k, mem_v, mem_thw
+
     def forward(self, x, thw, selections=None, ids=None):
         """x (B, 1 + T*H*W, dim) normalised block input; thw [T, H, W]; selections: indices of
         cached clips to attend (None: memory off, nothing cached); ids (B,) video ids."""
         B, N, dim = x.shape
         n = self.num_heads
         x = x.reshape(B, N, n, dim // n).transpose(1, 2)  # (B, n, N, dim/n)
-        q, q_thw = pool_tokens(x, self.pool_q, thw, self.norm_q)  # (B, n, Nq, dim/n)
+        q, q_thw = pool_tokens(x, self.pool_q, thw, self.norm_q)  # (B, n, Nq, dim/n)  step 1
         k, k_thw = pool_tokens(x, self.pool_k, thw, self.norm_k)  # (B, n, Nk, dim/n)
         v, _ = pool_tokens(x, self.pool_v, thw, self.norm_v)  # (B, n, Nk, dim/n)
         Nq, Nk = q.shape[2], k.shape[2]
@@ -279,25 +349,9 @@ class MemoryMultiScaleAttention(nn.Module):
         v = v.transpose(1, 2).reshape(B, Nk, dim)  # (B, Nk, dim)
 
         mem_k, mem_v, mem_thw = [], [], None
-        if selections is not None:
+        if selections is not None:  # steps 2-6
             ids = torch.zeros(B, dtype=torch.long, device=x.device) if ids is None else ids
-            selections = self.mask_memory(ids, selections)                  # step 2
-            self.cached_k.append(k.detach())                                # step 3: stop-grad
-            self.cached_v.append(v.detach())
-            self.cached_ids.append(ids)
-            if len(self.cached_k) > 1:                                       # step 4: f(M_{t-1})
-                self.cached_k[-2], mem_thw = self.compress(
-                    self.cached_k[-2], self.compress_k, self.norm_compress_k, k_thw)
-                self.cached_v[-2], _ = self.compress(
-                    self.cached_v[-2], self.compress_v, self.norm_compress_v, k_thw)
-            mem_k = [self.cached_k[:-1][i][:B] for i in selections]          # step 5
-            mem_v = [self.cached_v[:-1][i][:B] for i in selections]
-            if len(self.cached_k) > 1:                                       # step 6
-                self.cached_k[-2] = self.cached_k[-2].detach()
-                self.cached_v[-2] = self.cached_v[-2].detach()
-            if len(self.cached_k) == self.keep_max_len:
-                self.cached_k, self.cached_v = self.cached_k[1:], self.cached_v[1:]
-                self.cached_ids = self.cached_ids[1:]
+            mem_k, mem_v, mem_thw = self.update_memory(k, v, k_thw, ids, selections)
         # step 7: K = [M_1; ...; M_m; X] W_k, V = [M_1; ...; M_m; X] W_v
         K = self.k(torch.cat(mem_k + [k], dim=1))  # (B, Nmem + Nk, dim_out)
         V = self.v(torch.cat(mem_v + [v], dim=1))  # (B, Nmem + Nk, dim_out)
@@ -328,20 +382,31 @@ class MemoryMultiScaleAttention(nn.Module):
         Rh = resize_table(self.rel_pos_h, 2 * max(qh, kh) - 1)[spatial_index(qh, kh)]
         Rw = resize_table(self.rel_pos_w, 2 * max(qw, kw) - 1)[spatial_index(qw, kw)]
         cur = rel_pos_term(r_q, Rt, Rh, Rw)  # (B, n, Nq-1, kt*kh*kw)
-        blocks = []
-        if num_mem > 0:
-            mt, mh, mw = mem_thw
-            Mt, s = num_mem * mt, self.compress_stride[0]
-            idx_t = torch.arange(qt)[:, None] + (Mt - 1 - torch.arange(Mt)[None, :]) * s
-            Rt_mem = self.rel_pos_mem_t[idx_t]  # (qt, Mt, d)
-            Rh_mem = resize_table(self.rel_pos_mem_h, 2 * max(qh, mh) - 1)[spatial_index(qh, mh)]
-            Rw_mem = resize_table(self.rel_pos_mem_w, 2 * max(qw, mw) - 1)[spatial_index(qw, mw)]
-            for m in range(num_mem):
-                E = rel_pos_term(r_q, Rt_mem[:, m * mt:(m + 1) * mt], Rh_mem, Rw_mem)
-                blocks += [E.new_zeros(B, n, Nq - 1, 1), E]  # cls of memory m, its tokens
+        blocks = [self.memory_rel_pos(r_q, mem_thw, num_mem)] if num_mem > 0 else []
         blocks += [cur.new_zeros(B, n, Nq - 1, 1), cur]  # cls of the current clip, its tokens
         E = torch.cat(blocks, dim=-1)  # (B, n, Nq-1, Nk_total)
         return torch.cat([E.new_zeros(B, n, 1, E.shape[-1]), E], dim=2)  # (B, n, Nq, Nk_total)
+
+    def memory_rel_pos(self, r_q, mem_thw, num_mem):
+        """The memory columns of E_rel, (B, n, qt*qh*qw, num_mem * (1 + mt*mh*mw)), laid out as
+        [cls_1, M_1 tokens, ..., cls_m, M_m tokens] (cls columns 0), from the memory's own tables.
+        r_q (B, n, qt, qh, qw, d) unscaled queries; mem_thw [mt, mh, mw], every memory's grid.
+        Time: the m memories' frames, oldest first, form one list of Mt = m * mt frames; frame j
+        of it lies (Mt - 1 - j) compressed strides s_t before query frame i, so its t-index is
+            i + (Mt - 1 - j) * s_t            (rel_pos_mem_t, 2T + (ATTN_MAX_LEN - 2)T - 1 rows);
+        space: the MViTv2 index of the query grid against the compressed memory grid."""
+        B, n, qt, qh, qw, d = r_q.shape
+        mt, mh, mw = mem_thw
+        Mt, s = num_mem * mt, self.compress_stride[0]
+        idx_t = torch.arange(qt)[:, None] + (Mt - 1 - torch.arange(Mt)[None, :]) * s  # (qt, Mt)
+        Rt_mem = self.rel_pos_mem_t[idx_t]  # (qt, Mt, d)
+        Rh_mem = resize_table(self.rel_pos_mem_h, 2 * max(qh, mh) - 1)[spatial_index(qh, mh)]
+        Rw_mem = resize_table(self.rel_pos_mem_w, 2 * max(qw, mw) - 1)[spatial_index(qw, mw)]
+        blocks = []
+        for m in range(num_mem):
+            E = rel_pos_term(r_q, Rt_mem[:, m * mt:(m + 1) * mt], Rh_mem, Rw_mem)
+            blocks += [E.new_zeros(B, n, qt * qh * qw, 1), E]  # cls of memory m, its tokens
+        return torch.cat(blocks, dim=-1)  # (B, n, Nq-1, num_mem * (1 + mt*mh*mw))
 
 
 class MultiScaleBlock(nn.Module):
@@ -450,7 +515,7 @@ class MeMViT(nn.Module):
         """Which cached clips to attend, read from block 0's cache length L (before this step's
         append). `all`: every cached clip. `gapN`: the last N*floor(L/N) indices stepping by N,
         i.e. clips t-N, t-2N, ... (gap2 over steps: [], [], [0], [1], [0,2], [0,2], ...)."""
-        L = len(self.blocks[0].attn.cached_k)
+        L = len(self.blocks[0].attn.cached_k)  # step 0
         if self.sampler == "all":
             return list(range(L))
         gap = int(self.sampler[3:])
@@ -463,7 +528,7 @@ class MeMViT(nn.Module):
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1 + N, C)
         if video_ids is not None:
             video_ids = torch.as_tensor(video_ids, device=x.device).long()
-        selections = self.sample_memory() if self.use_memory else None
+        selections = self.sample_memory() if self.use_memory else None  # step 0
         for i, blk in enumerate(self.blocks):
             sel = None if selections is None else ([] if i in self.exclude_layers else selections)
             x, thw = blk(x, thw, sel, video_ids)
@@ -548,33 +613,62 @@ def cue_videos(n, num_clips=3, frames=8, size=32, seed=0, num_classes=4):
     return dict(videos=torch.stack(videos), labels=torch.tensor(labels))
 
 
+def read_clips(path, num_clips, frames, rate, size, draw):
+    """The K consecutive clips of one video as uint8 (K*T, 3, H, W), short side `size`, or the video's
+    frame count (an int) when it is shorter than K clips. Clip k holds frames start + k*span + t*rate
+    (span = frames * rate), start = floor(u * (len - K*span)), u = draw(). Decoded in one pass: with
+    the header's frame count, C.VideoReader seeks once to the first clip and then reads each clip just
+    ahead of the previous one (never from the video's start again), converting only the kept frames;
+    without a count, or where the header's count was wrong, the whole video is decoded and counted."""
+    span, u = frames * rate, None
+    with C.VideoReader(path, short_side=size) as r:
+        n = r.num_frames  # the header's count (None when it has none)
+        if n and n >= num_clips * span:
+            u = draw()
+            start = int(u * (n - num_clips * span))
+            clips = [r.read(s, s + span, keep=set(range(s, s + span, rate)))  # clip k: (T, 3, H, W)
+                     for s in range(start, start + num_clips * span, span)]  # in order: no seek back
+            if all(len(c) == frames for c in clips):
+                return torch.cat(clips)  # (K*T, 3, H, W)
+        v = r.read(0)  # the whole video: (L, 3, H, W)
+    if not len(v):
+        raise C.DataError(f"{path}: the video has no frames")
+    if len(v) < num_clips * span:
+        return len(v)
+    u = draw() if u is None else u
+    start = int(u * (len(v) - num_clips * span))
+    idx = start + torch.arange(num_clips)[:, None] * span + torch.arange(frames) * rate  # (K, T)
+    return v[idx.flatten()]  # (K*T, 3, H, W)
+
+
 def read_long_videos(items, num_clips, frames, rate, size, train, seed):
-    """Decode each video once and keep K consecutive non-overlapping clips of `frames` frames at
-    stride `rate` (official Kinetics MeMViT sampling: one random start fraction u per video, then
-    clip k starts at floor(u * (len - K*span)) + k*span; u = 0.5 for evaluation). Videos shorter
-    than K clips are skipped with a count. Returns (list of uint8 (K, T, 3, S, S), labels)."""
+    """K consecutive non-overlapping clips of `frames` frames at stride `rate` from each video
+    (official Kinetics MeMViT sampling: one random start fraction u per video, then clip k starts at
+    floor(u * (len - K*span)) + k*span; u = 0.5 for evaluation), each video decoded in one pass
+    (read_clips). Videos shorter than K clips and unreadable ones are skipped with a count; none
+    readable ends the run. Returns (list of uint8 (K, T, 3, S, S), labels)."""
     rng, span = np.random.default_rng(seed), frames * rate
-    videos, labels, short, bad = [], [], [], 0
+    draw = (lambda: rng.uniform()) if train else (lambda: 0.5)
+    videos, labels, short, bad = [], [], [], []
     for path, label in items:
         try:
-            v = C.read_video(path, short_side=size)  # (L, 3, H, W)
-        except C.DataError:
-            bad += 1
+            v = read_clips(path, num_clips, frames, rate, size, draw)  # (K*T, 3, H, W) or its length
+        except C.DataError as e:
+            bad.append(e)
             continue
-        if len(v) < num_clips * span:
-            short.append(f"{path} ({len(v)} frames)")
+        if isinstance(v, int):
+            short.append(f"{path} ({v} frames)")
             continue
-        u = rng.uniform() if train else 0.5
-        start = int(u * (len(v) - num_clips * span))
-        idx = start + torch.arange(num_clips)[:, None] * span + torch.arange(frames) * rate  # (K, T)
-        clips = C.resize_center_crop(v[idx.flatten()], size)  # (K*T, 3, S, S)
+        clips = C.resize_center_crop(v, size)  # (K*T, 3, S, S)
         videos.append(clips.reshape(num_clips, frames, 3, size, size))  # (K, T, 3, S, S)
         labels.append(label)
+    if items and len(bad) == len(items):
+        C.die(f"none of the {len(items)} videos could be read (the last: {bad[-1]})")
     if short:
         print(f"warning: skipped {len(short)} video(s) shorter than {num_clips} clips of {frames} "
               f"frames at stride {rate} = {num_clips * span} frames (first: {short[0]})", flush=True)
     if bad:
-        print(f"warning: skipped {bad} unreadable video(s)", flush=True)
+        print(f"warning: skipped {len(bad)} unreadable video(s) (first: {bad[0]})", flush=True)
     return videos, torch.tensor(labels, dtype=torch.long)
 
 
@@ -606,12 +700,12 @@ class StreamBatchSampler(torch.utils.data.Sampler):
     def groups(self):
         order = torch.randperm(self.n) if self.train else torch.arange(self.n)
         mine = order[self.rank::self.world].tolist()
-        full = len(mine) // self.B * self.B
+        full = len(mine) // self.B * self.B or len(mine)  # fewer videos than a batch: one smaller group
         return [mine[i:i + self.B] for i in range(0, full if self.train else len(mine), self.B)]
 
     def __len__(self):
         n = len(range(self.rank, self.n, self.world))
-        return (n // self.B if self.train else math.ceil(n / self.B)) * self.K
+        return ((n // self.B or min(n, 1)) if self.train else math.ceil(n / self.B)) * self.K
 
     def __iter__(self):
         for g, group in enumerate(self.groups()):
@@ -784,7 +878,7 @@ def smoke(model, args, run, num_frames):
 
 
 def main(argv=None):
-    p = C.make_parser("memvit", __doc__, epochs=5, batch_size=16, lr=5e-4, weight_decay=0.05,
+    p = C.make_parser("memvit", __doc__, presets=PRESETS, epochs=5, batch_size=16, lr=5e-4, weight_decay=0.05,
                       warmup_epochs=1, input_size=32, clip_grad=1.0)
     p.add_argument("--no_memory", action="store_true", help="the same model without its memory")
     p.add_argument("--num_clips", type=int, default=3, help="K clips per long video")
@@ -795,8 +889,6 @@ def main(argv=None):
     p.add_argument("--bench_reps", type=int, default=3)
     args = p.parse_args(argv)
     run = C.init_run(args)
-    if args.model not in PRESETS:
-        C.die(f"unknown --model {args.model!r}; choose from {', '.join(PRESETS)}")
     if args.bench:
         return bench(args, run)
     if args.sampler and not (args.sampler == "all" or (args.sampler.startswith("gap")
@@ -807,6 +899,8 @@ def main(argv=None):
     cfg = PRESETS[args.model]
     num_frames = args.num_frames or cfg["num_frames"]
     train_ds, val_ds, classes = stream_data(args, num_frames)
+    if not args.smoke:
+        C.check_enough(train_ds, val_ds, args)  # too few: one line, before any work
     overrides = dict(input_size=args.input_size, num_frames=num_frames, num_classes=len(classes),
                      use_memory=not args.no_memory)
     if args.sampler:
@@ -816,6 +910,7 @@ def main(argv=None):
         load_weights(model, args.weights, run)
     if args.smoke:
         return smoke(model, args, run, num_frames)
+    C.check_resume(model, args)  # a --resume of another model ends here, at once
     C.log(run, f"MeMViT-{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
                f"params, memory {'OFF' if args.no_memory else 'on'} (sampler {model.sampler}, "
                f"support {temporal_support(model) if model.use_memory else 1} clips); "

@@ -29,6 +29,8 @@ Commands:
     python mvit.py --data DIR        # DIR/<class>/*.jpg (images) or DIR/<class>/*.mp4 (videos)
     python mvit.py --smoke           # seconds: the loss is finite and falls
     python mvit.py --bench           # kv pooling and ViT FLOP/time ratios, T/S/B/L size table
+    python mvit.py --no_rel_pos      # design switches (Exercises 4-5): also --no_residual_pooling,
+                                     # --kv_stride H W (T H W with --video)
     python mvit.py --model T --input_size 224 --weights MViTv2_T_in1k.pyth --data DIR --epochs 0
                                      # evaluate the official weights (any class count: see below)
 
@@ -55,6 +57,43 @@ Departures from the official code, and why:
   * When --weights has a head for another number of classes (1000 for ImageNet), the head is
     re-initialised for the data's classes and everything else must match exactly.
   * Videos: --num_frames 8 --sampling_rate 1 by default (the K400 models use 16 x 4).
+
+Exercises (set one by blanking the function's body; the command grades it):
+1. Re-implement `attention_pool` (Sec. 3, the pooling operator P(.) of Q = P_Q(X W_Q),
+   K = P_K(X W_K), V = P_V(X W_V); reading map step 2): take the cls token out, lay the tokens on
+   their ([T,] H, W) grid, pool with the strided depthwise conv, flatten back in row-major order,
+   cls back in front, LayerNorm over the head dim (cls included). The blocks' max-pooled shortcut
+   goes through it too.
+   Grade: `python -m pytest tests/test_mvit.py -k "attention_pool"`
+2. Re-implement `rel_pos_index` and `decomposed_rel_pos` (Sec. 4.1, decomposed relative position:
+   E_rel[i, j] = Q_i . (R^h[h(i) - h(j)] + R^w[w(i) - w(j)] (+ R^t[t(i) - t(j)])); step 3): the
+   distance in the finer grid's units when q and k are pooled differently (T's block 0, 56 vs 14:
+   idx = i - 4j + 52), one table look-up and einsum per axis, broadcast over the keys in the order
+   the pooled keys come in.
+   Grade: `python -m pytest tests/test_mvit.py -k "decomposed"`
+3. Re-implement `MultiScaleAttention.forward` (Sec. 3 pooling attention with Sec. 4.1's E_rel and
+   residual pooling Z = Attn(Q, K, V) + Q; steps 1-6): the heads cut from qkv in the checkpoints'
+   layout, P(.) with s_Q for q and s_KV for k and v, E_rel from the unscaled q added to the grid
+   rows and columns of the logits only, both attention paths (`use_sdpa`), + Q on the grid rows
+   only, the heads merged back.
+   Grade: `python -m pytest tests/test_mvit.py -k "pooling_attention"`
+4. Explore: kv pooling. Predict MViTv2-T's multiply-adds at 224 px when its adaptive kv stride
+   starts at 1 (no kv pooling), 2 or 8 instead of 4: which blocks pay, and why does the saving
+   shrink beyond 4? Read the `bench:` line of `python mvit.py --bench`, or call `mvit.gflops` on
+   `create_model("T", kv_stride=(s, s))`. Measured: 7.39 / 5.95 / 4.68 / 4.16 G for s = 1 / 2 / 4
+   / 8 (official code: 7.42 vs 4.70, 1.58x); the weights stay the same but for the rel-pos tables.
+   On the tiny model, `python mvit.py --kv_stride 1 1` goes from 9.71 to 10.07 M multiply-adds
+   (printed at the start): on 8x8 tokens the MLPs cost more than attention.
+   Grade: `python -m pytest tests/test_mvit.py -k "kv_pooling"`
+5. Explore: MViTv1's attention. Switch off MViTv2's two additions, `python mvit.py --no_rel_pos`
+   and `python mvit.py --no_residual_pooling` (each with its own --out; there is no absolute
+   position embedding either), and predict the held-out accuracy `acc` against the default run.
+   Without E_rel and without pooling, attention cannot tell where a key is (the test shows it);
+   the convolutions still see neighbourhoods. Measured (15 epochs, seed 0, one run each): default
+   0.884, --no_rel_pos 0.978, --no_residual_pooling 0.876. The main shape is found wherever it
+   is, so positions buy nothing on this task, and in a short run the rel-pos tables even cost
+   accuracy; the paper's gains from both are on ImageNet, COCO and Kinetics.
+   Grade: `python -m pytest tests/test_mvit.py -k "mvitv1"`
 """
 import math
 import os
@@ -122,7 +161,8 @@ class Head(nn.Module):
 
 
 # ================================================================== the paper's idea
-# Pooling attention (MViTv1) with MViTv2's decomposed relative positions and residual pooling.
+# Pooling attention (MViTv1, paper Sec. 3) with MViTv2's decomposed relative positions and residual
+# pooling (Sec. 4.1).
 #
 #   Q = P_Q(X W_Q),  K = P_K(X W_K),  V = P_V(X W_V)          P = depthwise conv (stride s) + LayerNorm
 #   Attn(Q, K, V) = Softmax(Q K^T / sqrt(d) + E_rel) V          (the code adds E_rel unscaled, see below)
@@ -131,12 +171,27 @@ class Head(nn.Module):
 #
 # The paper writes Softmax((Q K^T + E_rel) / sqrt(d)); the official code scales only Q K^T and adds
 # E_rel computed from the unscaled Q. We follow the code, which the released weights were trained with.
+#
+# Reading map: one MultiScaleAttention.forward, in the order the code runs (`# step N` below).
+#   1. qkv = X W_qkv, split into q, k, v of n heads each: (B, n, N, c), N = [1 +] T*H*W tokens
+#   2. P(.) on each (attention_pool): take the cls token out, lay the tokens on their ([T,] H, W) grid,
+#      depthwise conv with stride s_Q (for q) or s_KV (for k and v; one kernel shared by the heads),
+#      flatten row-major again, put cls back in front, LayerNorm over c. Nq = [1 +] prod(grid / s_Q),
+#      Nk = [1 +] prod(grid / s_KV): the sizes that reach attention
+#   3. E_rel for the grid rows and grid columns (decomposed_rel_pos): per axis, the distance between
+#      query and key position measured in the finer of the two grids (rel_pos_index), looked up in that
+#      axis' table, dotted with the unscaled q; the axes' terms broadcast over the key grid in the same
+#      (t, h, w) row-major order as the pooled keys; the cls row and column get 0
+#   4. logits = (q * c^-1/2) k^T + E_rel, softmax over the keys, times v
+#   5. residual pooling: Z = Attn + Q on the grid rows (the cls row gets no q)
+#   6. heads merged back to (B, Nq, n*c), output projection
+# Around it, MultiScaleBlock pools the shortcut with the same attention_pool (max pool, no LayerNorm).
 
 
 def attention_pool(x, pool, norm, grid, has_cls):
-    """P(.) of the paper: pool a (B, n, N, c) token tensor on its ([T,] H, W) grid with `pool` (one
-    depthwise conv shared by all n heads, or the block's max pool), keeping the cls token out of the
-    pooling, then LayerNorm over c (cls included). Returns (tokens (B, n, N', c), new grid)."""
+    """Step 2, P(.) of the paper: pool a (B, n, N, c) token tensor on its ([T,] H, W) grid with `pool`
+    (one depthwise conv shared by all n heads, or the block's max pool), keeping the cls token out of
+    the pooling, then LayerNorm over c (cls included). Returns (tokens (B, n, N', c), new grid)."""
     if pool is None:
         return x, grid
     if has_cls:
@@ -152,9 +207,10 @@ def attention_pool(x, pool, norm, grid, has_cls):
 
 
 def rel_pos_index(q_len, k_len, device=None):
-    """Index into an axis table of 2*max(q_len, k_len) - 1 rows for every (query i, key j) pair:
-    idx = i*rq - j*rk + (k_len - 1)*rk with rq = max(k_len/q_len, 1), rk = max(q_len/k_len, 1), i.e.
-    the distance h(i) - h(j) measured in the finer grid's units, shifted to start at 0. (q_len, k_len)."""
+    """Step 3, one axis: index into an axis table of 2*max(q_len, k_len) - 1 rows for every (query i,
+    key j) pair: idx = i*rq - j*rk + (k_len - 1)*rk with rq = max(k_len/q_len, 1), rk = max(q_len/k_len,
+    1), i.e. the distance h(i) - h(j) measured in the finer grid's units, shifted to start at 0.
+    Returns (q_len, k_len)."""
     rq, rk = max(k_len / q_len, 1.0), max(q_len / k_len, 1.0)
     dist = torch.arange(q_len, device=device)[:, None] * rq - torch.arange(k_len, device=device)[None, :] * rk
     return (dist + (k_len - 1) * rk).long()  # (q_len, k_len), values in [0, 2*max - 2]
@@ -169,7 +225,7 @@ def get_rel_pos(table, length):
 
 
 def decomposed_rel_pos(q, q_grid, k_grid, rel_pos_h, rel_pos_w, rel_pos_t=None):
-    """E_rel for all (query, key) pairs of the grid tokens: (B, n, Nq, Nk).
+    """Step 3: E_rel for all (query, key) pairs of the grid tokens: (B, n, Nq, Nk).
     q: (B, n, Nq, c), the pooled, unscaled queries without the cls token; grids are (T, H, W) with
     T = 1 for images. E_rel[i, j] = q_i . R^h[idx_h] + q_i . R^w[idx_w] (+ q_i . R^t[idx_t]): one
     einsum per axis, then broadcast over the other key axes; never a table per pair."""
@@ -229,27 +285,29 @@ class MultiScaleAttention(nn.Module):
     def forward(self, x, grid):
         """x: (B, N, dim) normalized tokens on `grid`; returns ((B, N', dim_out), q grid)."""
         B, N, _ = x.shape
+        # step 1: one Linear for q, k, v; its 3*dim_out outputs are [q | k | v], each [head 0 | head 1 | ...]
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # (3, B, n, N, c)
         q, k, v = qkv[0], qkv[1], qkv[2]  # (B, n, N, c) each
+        # step 2: P(.) on each; q with stride s_Q (its grid is the block's output grid), k and v with s_KV
         q, q_grid = attention_pool(q, self.pool_q, self.norm_q, grid, self.has_cls)  # Q = P_Q(X W_Q)
         k, k_grid = attention_pool(k, self.pool_k, self.norm_k, grid, self.has_cls)  # K = P_K(X W_K)
         v, _ = attention_pool(v, self.pool_v, self.norm_v, grid, self.has_cls)  # V = P_V(X W_V)
         s = 1 if self.has_cls else 0
         bias = None
-        if self.rel_pos:  # E_rel from the unscaled q; the cls row and column get none
+        if self.rel_pos:  # step 3: E_rel from the unscaled q; the cls row and column get none
             qg, kg = (q_grid, k_grid) if len(grid) == 3 else ((1, *q_grid), (1, *k_grid))
             bias = decomposed_rel_pos(q[:, :, s:], qg, kg, self.rel_pos_h, self.rel_pos_w,
                                       getattr(self, "rel_pos_t", None))  # (B, n, Nq - s, Nk - s)
             bias = F.pad(bias, (s, 0, s, 0)).to(q.dtype)  # (B, n, Nq, Nk)
-        if self.use_sdpa:
+        if self.use_sdpa:  # step 4
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # Softmax(QK^T/sqrt(d) + E_rel) V
         else:  # the same with explicit matmuls (so FLOP counters see them)
             attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, n, Nq, Nk)
             attn = (attn + bias if bias is not None else attn).softmax(-1)
             out = attn @ v  # (B, n, Nq, c)
-        if self.residual_pooling:  # Z = Attn(Q, K, V) + Q, not on the cls row
+        if self.residual_pooling:  # step 5: Z = Attn(Q, K, V) + Q, not on the cls row
             out = torch.cat([out[:, :, :s], out[:, :, s:] + q[:, :, s:]], dim=2)  # (B, n, Nq, c)
-        out = out.transpose(1, 2).reshape(B, -1, self.dim_out)  # (B, Nq, n*c)
+        out = out.transpose(1, 2).reshape(B, -1, self.dim_out)  # step 6: (B, Nq, n*c)
         return self.proj(out), q_grid
 
 
@@ -501,18 +559,41 @@ def load_weights(model, path, run):
     C.log(run, f"loaded {len(state)} tensors from {path}")
 
 
+def design_overrides(args):
+    """The design choices the Explore exercises switch: kv stride, rel-pos, residual pooling."""
+    out = {}
+    if args.kv_stride is not None:
+        d = 3 if args.video else 2
+        if len(args.kv_stride) != d:
+            C.die(f"--kv_stride: give {d} numbers ({'T H W' if args.video else 'H W'}), got {args.kv_stride}")
+        out["kv_stride"] = tuple(args.kv_stride)
+    if args.no_rel_pos:
+        out["rel_pos"] = False
+    if args.no_residual_pooling:
+        out["residual_pooling"] = False
+    return out
+
+
 def train(args, run):
     train_ds, val_ds, classes = make_data(args)
+    C.check_enough(train_ds, val_ds, args, classes, need_classes=True)  # too few: one line, before any work
     C.log(run, f"{'videos' if args.video else 'images'}: {len(train_ds)} train / {len(val_ds)} val, "
                f"{len(classes)} classes, input {args.input_size} px"
           + (f", {args.num_frames} frames x {args.sampling_rate}" if args.video else ""))
     extra = {} if args.drop_path is None else dict(drop_path_rate=args.drop_path)
+    extra.update(design_overrides(args))
     model = create_model(args.model, num_classes=len(classes), input_size=args.input_size, video=args.video,
                          num_frames=args.num_frames, **extra)
     if args.weights:
         load_weights(model, args.weights, run)
+    C.check_resume(model, args)  # a --resume of another model ends here, before the evaluation at init
     model.to(run.device)
-    C.log(run, f"MViTv2-{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+    with torch.device("meta"):  # the same model as shapes only, to count its FLOPs (draws no random numbers)
+        shape = (1, 3) + ((args.num_frames,) if args.video else ()) + (args.input_size,) * 2
+        g = gflops(create_model(args.model, num_classes=len(classes), input_size=args.input_size,
+                                video=args.video, num_frames=args.num_frames, **extra), torch.empty(shape))
+    C.log(run, f"MViTv2-{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+               f"{g * 1e3:.2f} M multiply-adds per {'clip' if args.video else 'image'}")
     val_loader = C.make_loader(val_ds, args, run, train=False)
     acc_init, _ = evaluate(model, val_loader, run)
     loader = C.make_loader(train_ds, args, run, train=True)
@@ -523,7 +604,7 @@ def train(args, run):
         pic = save_picture(os.path.join(args.out, "predictions.png"), shown, classes, args.video)
         C.log(run, f"picture: {pic}")
     C.write_metrics(args, run, history, acc=acc, acc_init=acc_init, chance=1 / len(classes),
-                    video=bool(args.video), params=sum(p.numel() for p in model.parameters()))
+                    video=bool(args.video), params=sum(p.numel() for p in model.parameters()), gflops=g)
 
 
 def smoke(args, run):
@@ -619,13 +700,18 @@ def bench(args, run):
 
 
 def main(argv=None):
-    p = C.make_parser("mvit", __doc__, epochs=None, batch_size=64, lr=2e-3, warmup_epochs=1, weight_decay=0.05,
+    p = C.make_parser("mvit", __doc__, presets=PRESETS, epochs=None, batch_size=64, lr=2e-3, warmup_epochs=1, weight_decay=0.05,
                       clip_grad=1.0, input_size=32)
     p.add_argument("--video", action="store_true", help="video classification (default when --data holds videos)")
     p.add_argument("--num_frames", type=int, default=8, help="frames per clip (video)")
     p.add_argument("--sampling_rate", type=int, default=1, help="frame stride within a clip (video)")
     p.add_argument("--drop_path", type=float, default=None, help="drop path rate (default: the preset's)")
     p.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
+    p.add_argument("--kv_stride", type=int, nargs="+", default=None,
+                   help="adaptive kv stride of the first block, per axis (POOL_KV_STRIDE_ADAPTIVE; "
+                        "default: the preset's, 2 2 for tiny images, 4 4 for T/S/B/L)")
+    p.add_argument("--no_rel_pos", action="store_true", help="no decomposed relative positions (MViTv1-like)")
+    p.add_argument("--no_residual_pooling", action="store_true", help="no residual pooling connection")
     args = p.parse_args(argv)
     if args.data is not None and not args.video and not args.bench:
         args.video = holds_videos(args.data)

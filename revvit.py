@@ -68,6 +68,31 @@ Departures from the official code (SlowFast), and why:
   the paper's Rev-ViT-S and Rev-ViT-B.
 - Initialisation follows SlowFast's quirks: trunc-normal(0.02) weights, Linear and LayerNorm
   biases set to 0.02.
+
+Exercises (set one by blanking the function's body; the command grades it):
+1. Re-implement `ReversibleBlock.forward` (Sec. 3, Eq. for the reversible block, step 2 of the
+   reading map: draw the block's seed, Y1 = X1 + F(X2), Y2 = X2 + G(Y1), one drop-path mask for
+   both). Grade: `python -m pytest tests/test_revvit.py -k "block_forward"`
+2. Re-implement `ReversibleBlock.inverse` (Sec. 3, the inverse: X2 = Y2 - G(Y1), then
+   X1 = Y1 - F(X2), with the forward's masks). Grade: `python -m pytest tests/test_revvit.py -k "inverse"`
+3. Re-implement `ReversibleBlock.backward_pass` (Sec. 3 "learning without caching activations",
+   steps 4-5: rebuild the inputs from the outputs while recomputing G(Y1) and F(X2) with a graph;
+   dX1 = dY1 + (dG/dY1)^T dY2, dX2 = dY2 + (dF/dX2)^T dX1; the parameters' gradients, F's then G's).
+   Grade: `python -m pytest tests/test_revvit.py -k "backward_pass"`
+4. Re-implement `RevBackProp.forward` and `RevBackProp.backward` (steps 3 and 6: run the blocks
+   keeping only the last outputs; walk the blocks in reverse, collect every parameter's gradient
+   in order, recompute in the forward's autocast). Grade: `python -m pytest tests/test_revvit.py -k "revbackprop"`
+5. Explore: the drop-path seed replay. In `ReversibleBlock.backward_pass` make the line that
+   picks the seed (the forward's, unless replay_seeds is off) read `seed = new_seed()`: the
+   recomputation draws fresh masks. Predict: do the gradients still equal vanilla backprop's, and does training
+   still follow `--vanilla_bp`? Run the grading command (which test says so, and by how much?),
+   then `python revvit.py --epochs 2` and `python revvit.py --epochs 2 --vanilla_bp` and compare
+   loss_last in metrics.json. You should see the gradient test fail: reversible and vanilla
+   gradients now differ by 3.1 (relative norm, drop path 0.5, depth 4) instead of < 1e-12, and the
+   one-block test's rebuilt X1, X2 are wrong; training no longer follows vanilla backprop, quietly
+   (measured, 2 epochs: loss_last 1.7570 for both reversible and --vanilla_bp with the replay,
+   1.7540 without it; accuracy 0.218 -> 0.210): nothing crashes, which is why a test must say so.
+   Grade: `python -m pytest tests/test_revvit.py -k "seed_replay"`
 """
 from pathlib import Path
 
@@ -160,6 +185,19 @@ def new_seed():
 #
 # The backward pass never needs the stored X1, X2: it rebuilds them from Y1, Y2 and recomputes
 # F(X2) and G(Y1) on the way, with the same drop-path masks (same seeds) as the forward pass.
+#
+# Reading map (Sec. 3 of the paper; SlowFast reversible_mvit.py, minREV rev.py), one training step:
+#   1. duplicate the tokens into two streams, X1 = X2 = x, side by side (B, N, 2D)  (RevViT.blocks)
+#   2. every block, with no graph kept: draw one drop-path seed, Y1 = X1 + F(X2), then
+#      Y2 = X2 + G(Y1), one mask per sample shared by F and G          (ReversibleBlock.forward)
+#   3. keep only the LAST block's outputs (Y1, Y2): activation memory flat in depth
+#                                                                      (RevBackProp.forward)
+#   4. backward, last block first, with the block's seed replayed: recompute G(Y1) with a graph,
+#      X2 = Y2 - G(Y1), dX1 = dY1 + (dG/dY1)^T dY2                (ReversibleBlock.backward_pass)
+#   5. recompute F(X2) with a graph, X1 = Y1 - F(X2), dX2 = dY2 + (dF/dX2)^T dX1; drop both graphs
+#   6. the block's inputs and their gradients are the next block's outputs: walk down, collect
+#      the parameter gradients in parameter order, hand them to autograd  (RevBackProp.backward)
+#   The inverse alone, no gradients: X2 = Y2 - G(Y1), X1 = Y1 - F(X2)    (ReversibleBlock.inverse)
 
 
 class ReversibleBlock(nn.Module):
@@ -179,8 +217,8 @@ class ReversibleBlock(nn.Module):
 
     def forward(self, X1, X2):  # (B, N, D) each
         self.seed = new_seed()
-        Y1 = X1 + self.dropped(self.F(X2), self.seed)  # Y1 = X1 + F(X2)
-        Y2 = X2 + self.dropped(self.G(Y1), self.seed)  # Y2 = X2 + G(Y1)
+        Y1 = X1 + self.dropped(self.F(X2), self.seed)  # step 2: Y1 = X1 + F(X2)
+        Y2 = X2 + self.dropped(self.G(Y1), self.seed)  # step 2: Y2 = X2 + G(Y1)
         return Y1, Y2
 
     @torch.no_grad()
@@ -198,7 +236,7 @@ class ReversibleBlock(nn.Module):
             dX1 = dY1 + (dG/dY1)^T dY2         (Y1 reaches the loss directly and through G)
             dX2 = dY2 + (dF/dX2)^T dX1         (X2 reaches the loss directly and through F)"""
         seed = self.seed if self.replay_seeds else new_seed()
-        # 1) recompute G(Y1) with a graph, backprop dY2 through it: G's grads and (dG/dY1)^T dY2
+        # step 4: recompute G(Y1) with a graph, backprop dY2 through it: G's grads and (dG/dY1)^T dY2
         with torch.enable_grad():
             Y1 = Y1.detach().requires_grad_(True)
             g = self.dropped(self.G(Y1), seed)  # G(Y1)
@@ -207,7 +245,7 @@ class ReversibleBlock(nn.Module):
             X2 = Y2 - g  # X2 = Y2 - G(Y1)
             dX1 = dY1 + dY1_via_G  # dX1 = dY1 + (dG/dY1)^T dY2
         del g
-        # 2) recompute F(X2) with a graph, backprop dX1 through it: F's grads and (dF/dX2)^T dX1
+        # step 5: recompute F(X2) with a graph, backprop dX1 through it: F's grads and (dF/dX2)^T dX1
         with torch.enable_grad():
             X2 = X2.detach().requires_grad_(True)
             f = self.dropped(self.F(X2), seed)  # F(X2)
@@ -238,7 +276,7 @@ class RevBackProp(torch.autograd.Function):
         for blk in blocks:
             X1, X2 = blk(X1, X2)
         Y = torch.cat([X1, X2], dim=-1)  # (B, N, 2D)
-        ctx.save_for_backward(Y)  # the ONLY activation kept: the last block's outputs
+        ctx.save_for_backward(Y)  # step 3: the ONLY activation kept: the last block's outputs
         ctx.blocks = blocks
         dev = x.device.type  # the recomputation must run in the forward's precision
         ctx.amp = (dev, torch.get_autocast_dtype(dev), torch.is_autocast_enabled(dev))
@@ -253,7 +291,7 @@ class RevBackProp(torch.autograd.Function):
         dev, dtype, enabled = ctx.amp
         with torch.autocast(dev, dtype=dtype, enabled=enabled):
             for blk in reversed(ctx.blocks):
-                Y1, Y2, dY1, dY2, grads = blk.backward_pass(Y1, Y2, dY1, dY2)  # now the block's inputs
+                Y1, Y2, dY1, dY2, grads = blk.backward_pass(Y1, Y2, dY1, dY2)  # step 6: now its inputs
                 param_grads = grads + param_grads
         return torch.cat([dY1, dY2], dim=-1), None, *param_grads
 
@@ -284,7 +322,7 @@ class RevViT(nn.Module):
         self.apply(init_weights)
 
     def blocks(self, x):  # (B, N, D) -> (B, N, 2D)
-        x = torch.cat([x, x], dim=-1)  # X1 = X2 = x, (B, N, 2D)
+        x = torch.cat([x, x], dim=-1)  # step 1: X1 = X2 = x, (B, N, 2D)
         layers = self.rev_backbone.layers
         if self.training and not self.no_custom_backward:
             return RevBackProp.apply(x, layers, *layers.parameters())
@@ -487,13 +525,13 @@ def memory_picture_row(depths=(2, 4, 8, 16)):
 
 
 def main(argv=None):
-    parser = C.make_parser("revvit", __doc__, epochs=16, batch_size=32, lr=1e-3, weight_decay=0.05,
-                           warmup_epochs=1, input_size=32)
+    parser = C.make_parser("revvit", __doc__, presets=PRESETS, epochs=16, batch_size=32, lr=1e-3,
+                           weight_decay=0.05, warmup_epochs=1, input_size=32)
     parser.add_argument("--drop_path_rate", type=float, default=None, help="default: the preset's")
     parser.add_argument("--vanilla_bp", action="store_true",
                         help="plain autograd through the same reversible blocks (stores every activation)")
     args = parser.parse_args(argv)
-    run = C.init_run(args)
+    run = C.init_run(args, patch_size=PRESETS[args.model]["patch_size"])
     if args.bench:
         return bench(args, run)
 
@@ -503,6 +541,7 @@ def main(argv=None):
         overrides["drop_path_rate"] = args.drop_path_rate
     model = create_model(args.model, **overrides)
     model.no_custom_backward = args.vanilla_bp
+    C.check_resume(model, args)  # a --resume of another size: refused now, before the evaluation at init
     if args.weights:
         load_weights(model, args.weights, run)
 

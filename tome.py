@@ -29,6 +29,8 @@ the formula (which gives the paper's GFLOPs: DeiT-S 4.6 -> 3.4 / 2.7 / 2.3 at r 
     python tome.py --bench              # ViT-B r=16 / ViT-L r=8 speedup and FLOP ratio
     python tome.py --model base --weights mae_finetuned_vit_base.pth --data /imagenet --no_prop_attn
                                         # off-the-shelf sweep of r on released weights (eval only)
+    python mae.py && python mae.py --finetune --weights runs/mae/checkpoint.pt --out runs/mae_ft
+    python tome.py --model mae_tiny --weights runs/mae_ft/checkpoint.pt   # the same on our MAE fine-tuned tiny
     torchrun --nproc_per_node=2 tome.py --data DIR --tome_r 4   # train with ToMe, DDP (torchrun
                                         # takes a bare `--r` for its own --rdzv options: use --tome_r)
 
@@ -50,7 +52,9 @@ Departures from the official code, and why:
   schedule); an explicit per-layer list is accepted by the model and by create_model(r=[...]).
 - The tiny preset (32x32 images, 4x4 patches = 64 tokens, 6 blocks of width 96) stands in
   for ViT-S/B/L so that training takes about a minute on 2 CPU cores; the paper's sizes are
-  the presets small / base / large with their exact numbers. Training is plain supervised
+  the presets small / base / large with their exact numbers; `mae_tiny` is the shape of
+  mae.py's tiny fine-tuned classifier (4 blocks of width 192, r = 12 by default), so that its
+  `--finetune` checkpoint loads with every key matched. Training is plain supervised
   cross-entropy with label smoothing (no mixup / cutmix / RandAugment of the DeiT / MAE
   fine-tuning recipes), from scratch, with the MAE fine-tuning head (size-weighted global pool
   + fc_norm; `--cls_token` for the DeiT head) and pos_embed started from MAE's 2-D sin-cos
@@ -58,6 +62,35 @@ Departures from the official code, and why:
 - Position embeddings are not interpolated: a checkpoint must match --input_size.
 - AugReg (timm) weights expect mean = std = 0.5 input normalisation; common.py normalises with
   the ImageNet mean / std (right for DeiT and MAE), so AugReg accuracies come out a bit low.
+
+Exercises (set one by blanking the function's body; the command grades it):
+1. Re-implement `bipartite_soft_matching` (Sec. 3 "Token Merging", steps 2-5 of the reading map:
+   cosine similarity of the keys, A = even / B = odd tokens, each A token's best B edge, the r
+   strongest edges merged, the class token protected, r capped at half the unprotected tokens,
+   output [unmerged A ; B]). Grade: `python -m pytest tests/test_tome.py -k "matching"`
+2. Re-implement `merge_wavg` (Sec. 3 "Tracking token size": x <- sum(s x) / sum(s), sizes add).
+   Grade: `python -m pytest tests/test_tome.py -k "wavg"`
+3. Re-implement `Attention.forward` (Sec. 3 "Proportional attention": A = softmax(q k^T / sqrt(d)
+   + log s), log s on the key axis; it also returns the metric, the keys averaged over heads).
+   Grade: `python -m pytest tests/test_tome.py -k "attention"`
+4. Explore: match on the tokens X instead of the keys K (paper Table 1a). In `Block.forward`
+   pass `x` instead of `metric` to `bipartite_soft_matching`. Predict: off the shelf, without
+   retraining, is accuracy at large r better or worse? Train once with K, `python tome.py
+   --r_eval 0,8,10,12,16 --out runs/k`, then evaluate the same weights with X matching, `python
+   tome.py --weights runs/k/checkpoint.pt --r_eval 0,8,10,12,16 --out runs/x`; compare the sweeps.
+   You should see no advantage for the keys at this size (measured, tiny model, 500 held-out
+   images: K 0.594 / 0.590 / 0.534 and X 0.604 / 0.598 / 0.546 at r = 10 / 12 / 16, 0.602 for
+   both at r = 0): a point or two the other way round from the paper's ablation, which is on an
+   ImageNet ViT-L, about what 500 images can resolve. The test that guards the choice (the
+   model's matching reads this block's keys):
+   Grade: `python -m pytest tests/test_tome.py -k "matching_in_the_model"`
+5. Explore: the r sweep. Predict how accuracy falls as r grows, then read the sweep that
+   `python tome.py --r_eval 0,4,8,10,12,16` prints after training (tokens left at the last block
+   beside each r). You should see a flat curve until only a handful of tokens remain, then a
+   drop (measured: 0.602 with 65 tokens at r = 0, 0.598 with 17 at r = 8, 0.594 with 8 at
+   r = 10, 0.590 with 5 at r = 12, 0.534 with 3 at r = 16). The tests of the per-layer cap and
+   schedule that set those token counts:
+   Grade: `python -m pytest tests/test_tome.py -k "removes_min_r or schedules"`
 """
 import math
 import statistics
@@ -121,14 +154,28 @@ class Attention(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, h, N, d)
         # Proportional attention: A = softmax(q k^T / sqrt(d) + log s), log s added on the KEY axis.
         bias = None if size is None else size.log().to(q.dtype).reshape(B, 1, 1, N)  # (B, 1, 1, N)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, h, N, d)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # step 1: (B, h, N, d)
         x = x.transpose(1, 2).reshape(B, N, D)  # (B, N, h*d)
-        return self.proj(x), k.mean(1)  # (B, N, D), metric (B, N, d)
+        return self.proj(x), k.mean(1)  # step 2: (B, N, D), metric (B, N, d)
 
 
 # ------------------------------------------------------------------------------------------------
 # The paper's idea: bipartite soft matching, size-weighted merging, the r schedule
 # ------------------------------------------------------------------------------------------------
+#
+# In every block, between the attention and the MLP (Sec. 3; official tome/merge.py, patch/timm.py):
+#   1. attention over T tokens of sizes s: softmax(q k^T / sqrt(d) + log s) v, the log of each
+#      token's size added on the KEY axis ("proportional attention")        (Attention.forward)
+#   2. the metric: the keys averaged over heads, (B, T, d); normalised, so a dot is a cosine
+#   3. split the tokens alternately: A = tokens 0, 2, 4, ...; B = tokens 1, 3, 5, ...;
+#      scores = A B^T (B, Ta, Tb); the class token (A[0]) gets -inf: it is never merged
+#   4. every A token keeps its best edge (max over B, and which B); the r strongest edges are
+#      merged: their A tokens are the sources, the rest stay (cls first)   (bipartite_soft_matching)
+#   5. merge: output = [unmerged A tokens ; B tokens with each source added into its B partner],
+#      T - r tokens, r capped at half the unprotected tokens                (merge)
+#   6. size-weighted average: x <- sum(s x) / sum(s) over each group, s <- sum(s) (sizes add);
+#      the sources (which input patches a token holds) are OR-ed the same way  (merge_wavg)
+#   7. the MLP runs on T - r tokens; the sizes reach the next block's attention as log s
 
 def bipartite_soft_matching(metric, r, class_token=True):
     """Pick the r most similar (A, B) token pairs and return merge(x, mode), which removes r tokens.
@@ -147,12 +194,12 @@ def bipartite_soft_matching(metric, r, class_token=True):
         return lambda x, mode="sum": x
 
     with torch.no_grad():  # the matching is a discrete choice: no gradient through it
-        metric = metric / metric.norm(dim=-1, keepdim=True)  # unit vectors -> dot = cosine
-        a, b = metric[:, ::2], metric[:, 1::2]  # (B, Ta, C), (B, Tb, C)
+        metric = metric / metric.norm(dim=-1, keepdim=True)  # step 2: unit vectors -> dot = cosine
+        a, b = metric[:, ::2], metric[:, 1::2]  # step 3: (B, Ta, C), (B, Tb, C)
         scores = a @ b.transpose(-1, -2)  # (B, Ta, Tb) cosine similarity of every A-B pair
         if class_token:
             scores[:, 0, :] = -math.inf  # the class token is never merged
-        node_max, node_idx = scores.max(dim=-1)  # (B, Ta): best edge of every A token
+        node_max, node_idx = scores.max(dim=-1)  # step 4: (B, Ta) best edge of every A token
         edge_idx = node_max.argsort(dim=-1, descending=True)[..., None]  # (B, Ta, 1)
         unm_idx = edge_idx[:, r:]  # (B, Ta - r, 1) A tokens that stay
         src_idx = edge_idx[:, :r]  # (B, r, 1)      A tokens merged away (the top-r edges)
@@ -160,7 +207,7 @@ def bipartite_soft_matching(metric, r, class_token=True):
         if class_token:
             unm_idx = unm_idx.sort(dim=1).values  # keep original order so cls stays at index 0
 
-    def merge(x, mode="sum"):  # x: (B, T, c) -> (B, T - r, c)
+    def merge(x, mode="sum"):  # step 5: x (B, T, c) -> (B, T - r, c)
         src, dst = x[:, ::2], x[:, 1::2]  # (B, Ta, c), (B, Tb, c)
         n, ta, c = src.shape
         unm = src.gather(dim=1, index=unm_idx.expand(n, ta - r, c))  # (B, Ta - r, c)
@@ -175,7 +222,7 @@ def merge_wavg(merge, x, size=None):
     """Size-weighted average merge: x' = merge(s * x) / merge(s), s' = merge(s) (sizes are summed)."""
     if size is None:
         size = torch.ones_like(x[..., :1])  # (B, T, 1) every token starts as one patch
-    x = merge(x * size, mode="sum")  # (B, T - r, D)  sum of s_i x_i over each group
+    x = merge(x * size, mode="sum")  # step 6: (B, T - r, D)  sum of s_i x_i over each group
     size = merge(size, mode="sum")  # (B, T - r, 1)  s' = sum of s_i
     return x / size, size
 
@@ -219,11 +266,11 @@ class Block(nn.Module):
         x_attn, metric = self.attn(self.norm1(x), size if prop_attn else None)
         x = x + drop_path(x_attn, self.drop_path, self.training)
         if r > 0:
-            merge = bipartite_soft_matching(metric, r, class_token)  # uses this block's keys
+            merge = bipartite_soft_matching(metric, r, class_token)  # steps 2-5: this block's keys
             if source is not None:
                 source = merge_source(merge, source)  # (B, T - r, T0)
-            x, size = merge_wavg(merge, x, size)  # (B, T - r, D), (B, T - r, 1)
-        x = x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
+            x, size = merge_wavg(merge, x, size)  # step 6: (B, T - r, D), (B, T - r, 1)
+        x = x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)  # step 7
         return x, size, source
 
 
@@ -307,12 +354,17 @@ PRESETS = {
     # CPU-sized default: 32x32 images in 4x4 patches = 64 tokens + cls, MAE-style global pool
     "tiny": dict(img_size=32, patch_size=4, embed_dim=96, depth=6, num_heads=3, num_classes=6,
                  global_pool=True),
+    # the classifier of this project's `mae.py --finetune` (mae.py `tiny`: 32x32, patch 4, D 192, 4 blocks,
+    # 3 heads, global pool + fc_norm), so that ToMe runs on an MAE fine-tuned model, as in the paper
+    "mae_tiny": dict(img_size=32, patch_size=4, embed_dim=192, depth=4, num_heads=3, num_classes=6,
+                     global_pool=True),
     # the paper's models (DeiT / AugReg / MAE ViTs at 224 with 16x16 patches)
     "small": dict(img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6),
     "base": dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12),
     "large": dict(img_size=224, patch_size=16, embed_dim=1024, depth=24, num_heads=16),
 }
-PAPER_R = {"tiny": 8, "small": 13, "base": 16, "large": 8}  # README / paper's r per model
+# README / paper's r per model; mae_tiny (4 blocks) 12, which leaves 17 of 65 tokens, as r = 8 does in tiny's 6
+PAPER_R = {"tiny": 8, "mae_tiny": 12, "small": 13, "base": 16, "large": 8}
 
 
 def create_model(name="tiny", **overrides):
@@ -519,8 +571,8 @@ def model_from_weights(args, name, img_size, path):
 
 
 def main(argv=None):
-    parser = C.make_parser("tome", __doc__, epochs=None, batch_size=32, input_size=None, lr=1e-3,
-                             warmup_epochs=1)
+    parser = C.make_parser("tome", __doc__, presets=PRESETS, epochs=None, batch_size=32, input_size=None,
+                           lr=1e-3, warmup_epochs=1)
     parser.add_argument("--r", "--tome_r", dest="r", type=int, default=0,  # --tome_r under torchrun
                         help="tokens merged per block in training (0: plain ViT); in --bench: the r timed")
     parser.add_argument("--inflect", type=float, default=0.0,
@@ -548,14 +600,11 @@ def main(argv=None):
         sweep = [-1]
     if min(sweep) < 0:
         C.die(f"--r_eval must be comma-separated integers >= 0, got {args.r_eval!r}")
-    run = C.init_run(args)
+    run = C.init_run(args, patch_size=PRESETS[args.model]["patch_size"])  # checks a given --input_size
     if args.bench:
         return bench(args, run)
     if args.input_size is None:
         args.input_size = PRESETS[args.model]["img_size"]
-    patch = PRESETS[args.model]["patch_size"]
-    if args.input_size % patch:
-        C.die(f"--input_size {args.input_size} is not a multiple of the patch size {patch}")
     if args.smoke:
         return smoke(args, run)
     if args.epochs is None:  # --weights alone: evaluate the released model off the shelf

@@ -29,11 +29,97 @@ def batch(n=4, model=None):
     return torch.randn(n, 3, 16, 16, generator=g), torch.randint(2, 50, (n, 8), generator=g)
 
 
-# ------------------------------------------------------------------ masking
+def perturbed_model(**kw):
+    """small_model with nothing left at a trivial value: LayerNorm scales and biases, every bias,
+    the cls token and both position tables perturbed (zero or one hides many mistakes)."""
+    model = small_model(**kw)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias") or "norm" in name or name.endswith("cls_token"):
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+        model.text.pos_embed.add_(0.3 * torch.randn(model.text.pos_embed.shape, generator=g))
+        model.visual.pos_embed[:, 1:] += 0.1 * torch.randn(model.visual.pos_embed[:, 1:].shape, generator=g)
+    return model
+
+
+def gen(seed=5):
+    return torch.Generator().manual_seed(seed)
+
+
+# ------------------------------------------------------------------ slow obvious references
+# (the tests of one exercise monkeypatch the OTHER exercises' functions with these, so that a
+# blanked function fails only its own exercise's tests)
+
+
+def ref_random_masking(x, mask_ratio, generator=None):
+    """One sample at a time: the same uniform noise, sorted by Python; the first int(L(1-r))
+    patches in order of increasing noise are kept."""
+    B, L, D = x.shape
+    keep = int(L * (1 - mask_ratio))
+    noise = torch.rand(B, L, generator=generator)
+    visible, mask, restore = [], torch.ones(B, L), torch.zeros(B, L, dtype=torch.long)
+    for b in range(B):
+        order = sorted(range(L), key=lambda j: noise[b, j].item())  # patch ids, smallest noise first
+        visible.append(torch.stack([x[b, j] for j in order[:keep]]))
+        for rank, j in enumerate(order):
+            restore[b, j] = rank  # where patch j sits in the shuffled order
+            mask[b, j] = 0.0 if rank < keep else 1.0
+    return torch.stack(visible), mask, restore
+
+
+def ref_patch_tokens(tower, imgs):
+    """(B, L, D): patch j is the p x p square at row j // w, column j % w, embedded by an explicit
+    dot product with the conv kernel, plus ITS OWN position (row 1 + j of the table)."""
+    p, w = tower.patch_size, tower.grid
+    W, bias = tower.patch_embed.proj.weight, tower.patch_embed.proj.bias  # (D, 3, p, p), (D,)
+    out = []
+    for b in range(len(imgs)):
+        tokens = []
+        for j in range(w * w):
+            r, c = divmod(j, w)
+            square = imgs[b, :, r * p:(r + 1) * p, c * p:(c + 1) * p]  # (3, p, p)
+            tokens.append((W * square).sum((1, 2, 3)) + bias + tower.pos_embed[0, 1 + j])
+        out.append(torch.stack(tokens))
+    return torch.stack(out)
+
+
+def ref_vision_forward(tower, imgs, mask_ratio=0.0, generator=None):
+    """VisionTower.forward written out; it masks with flip.random_masking (whatever that is)."""
+    x, mask = ref_patch_tokens(tower, imgs), None
+    if mask_ratio > 0:
+        x, mask, _ = flip.random_masking(x, mask_ratio, generator)
+    x = torch.cat([tower.cls_token.expand(len(x), 1, -1), x], dim=1)
+    for blk in tower.blocks:
+        x = blk(x)
+    return tower.norm(x).mean(dim=1), mask
+
+
+def ref_text_forward(tower, tokens):
+    """TextTower.forward written out: table look-up plus positions 0..T-1, blocks, LN, token 0."""
+    x = tower.token_embed.weight[tokens] + tower.pos_embed[0, : tokens.shape[1]]  # (B, T, W)
+    for blk in tower.blocks:
+        x = blk(x)
+    return tower.norm(x)[:, 0]
+
+
+@pytest.fixture
+def ref_masking(monkeypatch):
+    monkeypatch.setattr(flip, "random_masking", ref_random_masking)
+
+
+@pytest.fixture
+def ref_towers(monkeypatch):
+    monkeypatch.setattr(flip, "random_masking", ref_random_masking)
+    monkeypatch.setattr(flip.VisionTower, "forward", ref_vision_forward)
+    monkeypatch.setattr(flip.TextTower, "forward", ref_text_forward)
+
+
+# ------------------------------------------------------------------ exercise 1: random_masking
 
 
 @pytest.mark.parametrize("ratio,keep", [(0.5, 98), (0.75, 49), (0.0, 196), (0.9, 19)])
-def test_visible_patches_are_int_L_times_1_minus_r(ratio, keep):
+def test_masking_keeps_int_L_times_1_minus_r(ratio, keep):
     x = torch.randn(3, 196, 8)
     vis, mask, ids_restore = flip.random_masking(x, ratio)
     assert vis.shape == (3, keep, 8)
@@ -45,21 +131,104 @@ def test_visible_patches_are_int_L_times_1_minus_r(ratio, keep):
     assert torch.equal(ids_restore.sort(1).values, torch.arange(196).expand(3, -1))
 
 
-def test_pooled_image_feature_is_mean_of_cls_and_visible_tokens():
-    m = small_model().visual
-    imgs = batch()[0]
-    g = torch.Generator().manual_seed(5)
-    pooled, mask = m(imgs, 0.5, g)
-    # slow reference: redo the tower by hand on the patches the mask kept
-    x = m.patch_embed.proj(imgs).flatten(2).transpose(1, 2) + m.pos_embed[:, 1:]
+@pytest.mark.parametrize("ratio,L", [(0.5, 16), (0.75, 16), (0.75, 10), (0.3, 7)])
+def test_masking_equals_slow_reference_with_the_same_noise(ratio, L):
+    """Every kept token in its slot (increasing noise), the mask in the patch order, ids_restore,
+    all from torch.rand(B, L, generator=generator): a new mask for every sample."""
+    x = torch.randn(3, L, 5, generator=gen(0))
+    vis, mask, ids_restore = flip.random_masking(x, ratio, gen(11))
+    ref_vis, ref_mask, ref_restore = ref_random_masking(x, ratio, gen(11))
+    assert vis.shape == ref_vis.shape == (3, int(L * (1 - ratio)), 5)
+    assert torch.equal(vis, ref_vis)
+    assert torch.equal(mask.float(), ref_mask)  # 1 = removed, 0 = kept, patch order
+    assert torch.equal(ids_restore, ref_restore)
+    assert not torch.equal(mask[0], mask[1])  # each sample draws its own noise
+    # ids_restore undoes the shuffle: [visible, removed] gathered by it is x again
+    removed = torch.stack([x[b][mask[b] == 1] for b in range(3)])  # any order is fine here
+    full = torch.cat([vis, removed], dim=1)
+    assert torch.equal(full.gather(1, ids_restore[:, :, None].expand(-1, -1, 5))[mask == 0],
+                      x[mask == 0])
+
+
+def test_masking_where_the_image_tower_uses_it(monkeypatch):
+    """In the model's image tower (written out in the test): the tokens that reach the blocks are
+    the cls token and exactly the patches the returned mask keeps, each with its own position."""
+    monkeypatch.setattr(flip.VisionTower, "forward", ref_vision_forward)
+    model = perturbed_model()
+    m, imgs = model.visual, batch()[0]
+    seen = []
+    m.blocks[0].register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach()))
+    for ratio in (0.5, 0.75):
+        seen.clear()
+        pooled, mask = m(imgs, ratio, gen(3))
+        _, ref_mask, _ = ref_random_masking(torch.zeros(4, 16, 1), ratio, gen(3))
+        assert torch.equal(mask.float(), ref_mask)
+        tokens = ref_patch_tokens(m, imgs)  # (B, L, D), positions included
+        keep = int(16 * (1 - ratio))
+        assert seen[0].shape == (4, 1 + keep, 32)
+        for b in range(4):
+            assert torch.allclose(seen[0][b, 0], m.cls_token[0, 0])
+            want = tokens[b][ref_mask[b] == 0]  # the kept patches, in patch order
+            got = seen[0][b, 1:]
+            order = [int(((want - g).abs().amax(1) < 1e-5).nonzero()[0]) for g in got]
+            assert sorted(order) == list(range(keep))  # each kept patch once, nothing else
+        t = torch.cat([m.cls_token.expand(4, 1, -1), torch.stack([tokens[b][ref_mask[b] == 0] for b in range(4)])], 1)
+        for blk in m.blocks:
+            t = blk(t)
+        assert torch.allclose(pooled, m.norm(t).mean(1), atol=1e-5)
+
+
+# ------------------------------------------------------------------ exercise 2: VisionTower.forward
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.5, 0.75])
+def test_vision_tower_equals_slow_reference(ratio, ref_masking):
+    model = perturbed_model()
+    m, imgs = model.visual, batch()[0]
+    pooled, mask = m(imgs, ratio, gen(4))
+    ref_pooled, ref_mask = ref_vision_forward(m, imgs, ratio, gen(4))
+    assert torch.allclose(pooled, ref_pooled, atol=1e-5)
+    if ratio == 0:
+        assert mask is None
+    else:  # the tower hands its generator to random_masking and returns the mask it drew
+        assert torch.equal(mask, ref_mask)
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.5, 0.75])
+def test_vision_tower_sends_every_kept_token_in_its_slot(ratio, ref_masking):
+    """The block input is [cls, the kept patches in the order of increasing noise], each patch
+    with ITS OWN position (added before masking), and no more tokens than 1 + int(L (1 - r))."""
+    model = perturbed_model()
+    m, imgs = model.visual, batch()[0]
+    seen = []
+    m.blocks[0].register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach()))
+    m(imgs, ratio, gen(6))
+    tokens = ref_patch_tokens(m, imgs)  # (B, L, D)
+    if ratio > 0:
+        tokens = ref_random_masking(tokens, ratio, gen(6))[0]  # (B, L_keep, D)
+    want = torch.cat([m.cls_token.expand(4, 1, -1), tokens], dim=1)
+    assert seen[0].shape == want.shape == (4, 1 + int(16 * (1 - ratio)), 32)
+    assert torch.allclose(seen[0], want, atol=1e-5)
+
+
+def test_vision_tower_pools_mean_of_cls_and_visible_tokens(ref_masking):
+    model = perturbed_model()
+    m, imgs = model.visual, batch()[0]
+    pooled, mask = m(imgs, 0.5, gen(5))
+    # redo the tower by hand on the patches the mask kept, one image at a time
+    x = ref_patch_tokens(m, imgs)
     for b in range(len(imgs)):
         t = torch.cat([m.cls_token[0], x[b][mask[b] == 0]])[None]  # (1, 1 + 8, D)
         for blk in m.blocks:
             t = blk(t)
         assert torch.allclose(m.norm(t).mean(1)[0], pooled[b], atol=1e-5)
+        assert not torch.allclose(m.norm(t)[0, 1:].mean(0), pooled[b], atol=1e-3)  # cls counts
 
 
-def test_masking_is_off_in_eval_and_on_in_training():
+# ------------------------------------------------------------------ the model as a whole
+
+
+def test_eval_sees_every_patch_and_training_a_new_random_half():
     model = small_model()
     imgs, tokens = batch()
     model.eval()
@@ -69,6 +238,22 @@ def test_masking_is_off_in_eval_and_on_in_training():
     model.train()
     c, d = model(imgs, tokens)[0], model(imgs, tokens)[0]
     assert not torch.allclose(c, d)  # a new random half of the patches each time
+
+
+def test_weight_decay_groups_follow_the_official_mask():
+    """Official t5x/train_state_initializer.py: decay everything but biases, norm scales and the
+    position embeddings; the cls token, the logit scale and the token table ARE decayed."""
+    model = small_model()
+    decay, no_decay = flip.flip_param_groups(model, 0.2)
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.2, 0.0)
+    name = {id(p): n for n, p in model.named_parameters()}
+    decayed, exempt = {name[id(p)] for p in decay["params"]}, {name[id(p)] for p in no_decay["params"]}
+    assert {"visual.cls_token", "logit_scale", "text.token_embed.weight", "img_proj.weight",
+            "visual.patch_embed.proj.weight", "visual.blocks.0.attn.qkv.weight"} <= decayed
+    assert {"text.pos_embed", "visual.norm.weight", "text.blocks.1.norm2.weight",
+            "visual.patch_embed.proj.bias", "text.blocks.0.mlp.fc1.bias"} <= exempt
+    assert "visual.pos_embed" not in decayed | exempt  # fixed: not trained at all
+    assert len(decayed) + len(exempt) == sum(p.requires_grad for p in model.parameters())
 
 
 def test_embeddings_have_unit_norm():
@@ -96,10 +281,10 @@ def test_fused_qkv_init_matches_official_separate_kernels():
     assert w.abs().max().item() <= math.sqrt(1.5 / D) + 1e-6
 
 
-# ------------------------------------------------------------------ temperature and loss
+# ------------------------------------------------------------------ exercise 3: flip_loss, clipped_logit_scale
 
 
-def test_logit_scale_init_and_clipping():
+def test_infonce_logit_scale_init_and_clipping():
     model = small_model()
     assert math.isclose(model.logit_scale.item(), math.log(1 / 0.07), rel_tol=1e-6)
     assert math.isclose(model.clipped_logit_scale().exp().item(), 1 / 0.07, rel_tol=1e-5)
@@ -109,7 +294,7 @@ def test_logit_scale_init_and_clipping():
             model.logit_scale.fill_(value)
         model.logit_scale.grad = None
         s = model.clipped_logit_scale()
-        assert 0 <= s.item() <= math.log(100) + 1e-6
+        assert math.isclose(s.item(), min(max(value, 0.0), math.log(100)), rel_tol=1e-6)  # the LOG scale
         flip.flip_loss(z_img, z_txt, s).backward()
         assert (model.logit_scale.grad.abs().item() == 0) == grad_is_zero
         assert model.logit_scale.item() == value  # the parameter itself is never clamped
@@ -123,7 +308,7 @@ def slow_infonce(z_img, z_txt, s):  # the official hand-written log-softmax, one
     return (sum(rows) / N + sum(cols) / N) / 2
 
 
-def test_loss_equals_slow_reference_and_is_symmetric():
+def test_infonce_equals_slow_reference_and_is_symmetric():
     torch.manual_seed(0)
     z_img, z_txt = torch.nn.functional.normalize(torch.randn(2, 6, 8, dtype=torch.float64), dim=-1)
     s = torch.tensor([2.3], dtype=torch.float64)
@@ -132,7 +317,7 @@ def test_loss_equals_slow_reference_and_is_symmetric():
     assert math.isclose(loss, flip.flip_loss(z_txt, z_img, s).item(), rel_tol=1e-12)
 
 
-def test_loss_is_ln_batch_for_identical_embeddings_and_zero_for_matched_pairs():
+def test_infonce_is_ln_batch_for_identical_embeddings_and_zero_for_matched_pairs():
     z = torch.nn.functional.normalize(torch.randn(1, 8), dim=-1).expand(16, 8)
     for s in (0.0, 2.0, math.log(100)):
         assert math.isclose(flip.flip_loss(z, z, torch.tensor([s])).item(), math.log(16), rel_tol=1e-5)
@@ -141,10 +326,79 @@ def test_loss_is_ln_batch_for_identical_embeddings_and_zero_for_matched_pairs():
     assert flip.flip_loss(eye, eye.roll(1, 0), torch.tensor([math.log(100)])).item() > 50  # mismatched
 
 
-# ------------------------------------------------------------------ text tower
+def test_infonce_contrasts_the_global_batch(monkeypatch):
+    """Under DDP, gather_global returns the rows of every rank: the loss must contrast those
+    (here another 'rank' holding 5 more pairs is simulated), with the positives on the diagonal."""
+    torch.manual_seed(1)
+    z_img, z_txt, o_img, o_txt = torch.nn.functional.normalize(torch.randn(4, 3, 8, dtype=torch.float64), dim=-1)
+    o_img, o_txt = torch.cat([o_img, o_img[:2].flip(1)]), torch.cat([o_txt, o_txt[:2].flip(1)])  # 5 rows
+    calls = []
+
+    def fake_gather(z):  # this rank's rows first, then the other rank's
+        calls.append(len(z))
+        other = o_img if torch.equal(z, z_img) else o_txt
+        return torch.cat([z, other])
+
+    monkeypatch.setattr(flip, "gather_global", fake_gather)
+    loss = flip.flip_loss(z_img, z_txt, torch.tensor([1.7], dtype=torch.float64)).item()
+    assert calls == [3, 3]  # both modalities gathered
+    want = slow_infonce(torch.cat([z_img, o_img]), torch.cat([z_txt, o_txt]), 1.7)  # 8 x 8 logits
+    assert math.isclose(loss, want, rel_tol=1e-9)
 
 
-def test_text_attention_is_not_causal():
+def test_infonce_in_the_model_uses_the_clipped_scale(ref_towers):
+    """The model's loss (loss_fn on a batch): e^s with s clipped at ln 100, and no gradient to the
+    logit scale once it is clipped."""
+    model = perturbed_model(mask_ratio=0.0).train()
+    imgs, tokens = batch(6)
+    with torch.no_grad():
+        model.logit_scale.fill_(5.0)
+    loss = flip.loss_fn(model, (imgs, tokens, None))
+    with torch.no_grad():
+        z_img, z_txt = model.encode_image(imgs)[0].double(), model.encode_text(tokens).double()
+    assert math.isclose(loss.item(), slow_infonce(z_img, z_txt, math.log(100)), rel_tol=1e-5)
+    loss.backward()
+    assert model.logit_scale.grad.abs().item() == 0
+    assert model.visual.cls_token.grad.abs().sum() > 0  # the towers do learn
+
+
+# ------------------------------------------------------------------ exercise 4: TextTower.forward
+
+
+@pytest.mark.parametrize("T", [8, 5])
+def test_text_tower_equals_slow_reference(T):
+    """First-token output after the final LayerNorm, for a full context and for a shorter one
+    (positions 0..T-1), with padding (id 0) inside the text: no pooling of the last or the
+    end-of-text token, no mean."""
+    model = perturbed_model().eval()
+    tokens = batch()[1][:, :T].clone()
+    tokens[0, 3:] = 0  # a short caption, padded
+    tokens[1, T - 1] = 0
+    out = model.text(tokens)
+    assert out.shape == (4, 32)
+    assert torch.allclose(out, ref_text_forward(model.text, tokens), atol=1e-5)
+    # where the model uses it: the text embedding of the contrastive loss
+    z = model.encode_text(tokens)
+    want = model.txt_proj(ref_text_forward(model.text, tokens))
+    assert torch.allclose(z, want / want.norm(dim=1, keepdim=True), atol=1e-5)
+
+
+def test_text_tower_uses_position_embeddings_in_order():
+    """The same word at another place gives another first-token output only through the positions:
+    with the position table zeroed, swapping tokens 1 and 2 leaves the output unchanged (no causal
+    mask, no position); with the real table it changes."""
+    model = perturbed_model().eval()
+    tokens = batch()[1]
+    swapped = tokens.clone()
+    swapped[:, [1, 2]] = tokens[:, [2, 1]]
+    a, b = model.text(tokens), model.text(swapped)
+    assert (a - b).abs().amax(1).min() > 1e-4
+    with torch.no_grad():
+        model.text.pos_embed.zero_()
+    assert torch.allclose(model.text(tokens), model.text(swapped), atol=1e-5)
+
+
+def test_text_tower_attention_is_not_causal():
     model = small_model().eval()
     tokens = batch()[1]
     changed = tokens.clone()

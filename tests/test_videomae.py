@@ -1,4 +1,9 @@
-"""Tests for videomae.py (MAE-ST): each checks a property of the paper's mechanism or of mae_st."""
+"""Tests for videomae.py (MAE-ST): each checks a property of the paper's mechanism or of mae_st.
+
+The tests of an exercise are named after its -k expression (tokens, masking, pos_embed, unshuffle /
+loss). A test that needs the model's forward replaces the OTHER exercises' functions by the slow,
+obvious references below (`use_refs`), so that a blanked or wrong function fails only its own
+exercise's tests."""
 import pytest
 import torch
 
@@ -9,6 +14,99 @@ import videomae as V
 def small(**kw):
     torch.manual_seed(0)
     return V.create_model("tiny", **kw)
+
+
+# ------------------------------------------------------------ slow, obvious references (loops)
+
+def ref_patch_embed(self, x):
+    """PatchEmbed.forward by a loop over the cubes: token (t, i, j) = W . cube + b, time-major."""
+    N, u, p = x.shape[0], self.t_patch_size, self.patch_size
+    T, H, W = self.input_size
+    w = self.proj.weight.reshape(self.proj.out_channels, -1)          # (D, 3 u p p), (c, u, p, q) order
+    slices = []
+    for t in range(T):
+        row = []
+        for i in range(H):
+            for j in range(W):
+                cube = x[:, :, t * u:(t + 1) * u, i * p:(i + 1) * p, j * p:(j + 1) * p]   # (N, 3, u, p, p)
+                row.append(cube.reshape(N, -1) @ w.t() + self.proj.bias)
+        slices.append(torch.stack(row, 1))                             # (N, S, D)
+    return torch.stack(slices, 1)                                      # (N, T', S, D)
+
+
+def ref_patchify(self, videos):
+    """patchify by a loop: token (t, i, j) holds its cube with the channel varying fastest."""
+    N, _, T, H, W = videos.shape
+    p, u = self.patch_size, self.t_pred_patch_size
+    rows = []
+    for t in range(T // u):
+        for i in range(H // p):
+            for j in range(W // p):
+                cube = videos[:, :, t * u:(t + 1) * u, i * p:(i + 1) * p, j * p:(j + 1) * p]   # (N, c, u, p, q)
+                rows.append(cube.permute(0, 2, 3, 4, 1).reshape(N, -1))                   # (u, p, q, c)
+    return torch.stack(rows, 1)                                        # (N, L, u p p c)
+
+
+def ref_random_masking(x, mask_ratio, mask_type="random", t_size=1):
+    """The same draw as mae_st (noise = torch.rand(N, L), or (N, 1, S) for tubes), then by hand:
+    sort the tokens by their noise (ties by index), keep the first len_keep."""
+    N, L, D = x.shape
+    if mask_type == "random":
+        noise = torch.rand(N, L)
+        len_keep = int(L * (1 - mask_ratio))
+        order = [sorted(range(L), key=lambda l: (noise[n, l].item(), l)) for n in range(N)]
+    else:
+        S = L // t_size
+        noise = torch.rand(N, 1, S)
+        len_keep = t_size * int(S * (1 - mask_ratio))
+        order = [[t * S + s for s in sorted(range(S), key=lambda s: (noise[n, 0, s].item(), s))
+                  for t in range(t_size)] for n in range(N)]
+    ids_shuffle = torch.tensor(order)                                  # (N, L)
+    ids_keep = ids_shuffle[:, :len_keep]
+    ids_restore = torch.empty_like(ids_shuffle)
+    mask = torch.ones(N, L)
+    for n in range(N):
+        for k, l in enumerate(order[n]):
+            ids_restore[n, l] = k
+        for l in order[n][:len_keep]:
+            mask[n, l] = 0.0
+    x_masked = torch.stack([x[n, ids_keep[n]] for n in range(N)])     # (N, len_keep, D)
+    ref_random_masking.last = dict(mask=mask, ids_keep=ids_keep, ids_restore=ids_restore)
+    return x_masked, mask, ids_restore, ids_keep
+
+
+def ref_separable_pos_embed(spatial, temporal):
+    """pos[t * S + s] = spatial[s] + temporal[t], one row at a time."""
+    S, T = spatial.shape[1], temporal.shape[1]
+    return torch.stack([spatial[0, s] + temporal[0, t] for t in range(T) for s in range(S)])[None]
+
+
+def use_refs(monkeypatch, *names):
+    """Replace the named exercises' functions in videomae by the references above."""
+    table = {"tokens": [(V.PatchEmbed, "forward", ref_patch_embed),
+                        (V.MaskedAutoencoderViT, "patchify", ref_patchify)],
+             "masking": [(V, "random_masking", ref_random_masking)],
+             "pos_embed": [(V, "separable_pos_embed", ref_separable_pos_embed)]}
+    for name in names:
+        for obj, attr, fn in table[name]:
+            monkeypatch.setattr(obj, attr, fn)
+
+
+def perturb(model, seed=3):
+    """Non-trivial parameters: every zero-initialised table, bias, token gets random values."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "bias" in name or "token" in name or "pos_embed" in name or "norm" in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.5)
+    return model
+
+
+def first_input(module):
+    """Records the input of `module` at the next forward."""
+    seen = {}
+    module.register_forward_pre_hook(lambda mod, inp: seen.__setitem__("x", inp[0].detach().clone()))
+    return seen
 
 
 def test_tokens_are_time_major_conv_output():
@@ -23,7 +121,19 @@ def test_tokens_are_time_major_conv_output():
         assert torch.equal(flat[:, t * H * W + i * W + j], conv[:, :, t, i, j])
 
 
-def test_patchify_layout_and_round_trip():
+def test_tokens_equal_a_loop_over_the_cubes():
+    """Every token, not a few: the embedding of cube (t, i, j) sits at t*H'W' + i*W' + j."""
+    m = perturb(small())
+    x = torch.randn(2, 3, 8, 32, 32)
+    assert torch.allclose(m.patch_embed(x), ref_patch_embed(m.patch_embed, x), atol=1e-5)
+    # a clip whose tubelet grid is not square in spacetime (T' = 2, H' = W' = 3)
+    pe = V.PatchEmbed(img_size=24, patch_size=8, embed_dim=16, frames=4, t_patch_size=2)
+    x = torch.randn(3, 3, 4, 24, 24)
+    assert pe(x).shape == (3, 2, 9, 16)
+    assert torch.allclose(pe(x), ref_patch_embed(pe, x), atol=1e-5)
+
+
+def test_tokens_patchify_layout_and_round_trip():
     m = small()
     v = torch.randn(2, 3, 4, 32, 32)                            # the 4 target frames
     x = m.patchify(v)                                           # (N, L, p*p*3), u = 1
@@ -32,9 +142,58 @@ def test_patchify_layout_and_round_trip():
     # token (t=1, row 2, col 3), values in (p, q, c) order: the channel varies fastest
     ref = v[1, :, 1, 16:24, 24:32].permute(1, 2, 0).reshape(-1)
     assert torch.equal(x[1, 1 * 16 + 2 * 4 + 3], ref)
+    assert torch.equal(x, ref_patchify(m, v))
 
 
-def test_random_masking_keeps_156_of_1568():
+def test_tokens_patchify_two_frames_per_token():
+    """pred_t_dim = num_frames: u = 2 frames per token, values (u, p, q, c); the two frames of a
+    token are frames 2t and 2t+1 (a tubelet), not t and t + T/2."""
+    m = small(pred_t_dim=8)
+    assert m.t_pred_patch_size == 2
+    v = torch.randn(2, 3, 8, 32, 32)
+    x = m.patchify(v)
+    assert x.shape == (2, 64, 2 * 8 * 8 * 3)
+    assert torch.equal(x, ref_patchify(m, v))
+    assert torch.equal(x[0, 3 * 16 + 1 * 4 + 2, :192], v[0, :, 6, 8:16, 16:24].permute(1, 2, 0).reshape(-1))
+    assert torch.equal(x[0, 3 * 16 + 1 * 4 + 2, 192:], v[0, :, 7, 8:16, 16:24].permute(1, 2, 0).reshape(-1))
+
+
+def test_tokens_encoder_token_and_target_token_are_the_same_cube():
+    """The loss compares prediction i with target i: token i of the encoder (PatchEmbed) and token i
+    of the target (patchify) must be made of the same 2 x p x p cube of the clip."""
+    m = small(pred_t_dim=8)                                     # u = 2: the target token is the whole cube
+    T, H, W = m.input_size
+    zero = torch.zeros(1, 3, 8, 32, 32)
+    base = m.patch_embed(zero)[0].reshape(T * H * W, -1)        # (L, D): the conv bias alone
+    for t, i, j in [(0, 0, 0), (1, 2, 3), (3, 0, 1), (2, 3, 2)]:
+        v = zero.clone()
+        v[0, :, 2 * t:2 * t + 2, 8 * i:8 * i + 8, 8 * j:8 * j + 8] = torch.randn(3, 2, 8, 8)
+        changed_enc = (m.patch_embed(v)[0].reshape(T * H * W, -1) - base).abs().sum(-1) > 0   # (L,)
+        changed_tgt = m.patchify(v)[0].abs().sum(-1) > 0                                      # (L,)
+        k = t * H * W + i * W + j
+        assert changed_enc.nonzero().flatten().tolist() == [k]
+        assert changed_tgt.nonzero().flatten().tolist() == [k]
+
+
+def test_tokens_reach_the_encoder_in_time_major_order(monkeypatch):
+    """Where the model uses them: the encoder's first block sees cls, then the kept tokens, each
+    the embedding of its own cube plus its own position (masking and positions: references)."""
+    use_refs(monkeypatch, "masking", "pos_embed")
+    m = perturb(small())
+    x = torch.randn(2, 3, 8, 32, 32)
+    seen = first_input(m.blocks[0])
+    torch.manual_seed(4)
+    m.forward_encoder(x, 0.75)
+    ids_keep = ref_random_masking.last["ids_keep"]
+    tokens = ref_patch_embed(m.patch_embed, x).reshape(2, 64, -1)     # (N, L, D)
+    pos = ref_separable_pos_embed(m.pos_embed_spatial, m.pos_embed_temporal)[0]
+    assert seen["x"].shape == (2, 1 + 16, 128)
+    for n in range(2):
+        for k, l in enumerate(ids_keep[n].tolist()):
+            assert torch.allclose(seen["x"][n, 1 + k], tokens[n, l] + pos[l], atol=1e-5)
+
+
+def test_masking_keeps_156_of_1568():
     torch.manual_seed(0)
     x = torch.randn(3, 1568, 4)
     kept, mask, ids_restore, ids_keep = V.random_masking(x, 0.9)
@@ -51,47 +210,136 @@ def test_random_masking_keeps_156_of_1568():
     assert not torch.equal(mask[0], mask[1])
 
 
-def test_tube_mask_is_the_same_in_every_time_slice():
+def test_masking_tube_is_the_same_in_every_time_slice():
     torch.manual_seed(0)
     T, S = 8, 196
     x = torch.randn(4, T * S, 2)
-    kept, mask, _, _ = V.random_masking(x, 0.9, "tube", T)
+    kept, mask, ids_restore, ids_keep = V.random_masking(x, 0.9, "tube", T)
     m = mask.reshape(4, T, S)                                   # (N, T', S)
     assert torch.equal(m, m[:, :1].expand(-1, T, -1))           # one spatial mask, repeated over time
     assert kept.shape[1] == T * int(S * 0.1) == 152
     assert torch.equal(mask.sum(1), torch.full((4,), T * S - 152.0))
+    assert torch.all(torch.gather(mask, 1, ids_keep) == 0)
+    assert torch.equal(kept, torch.gather(x, 1, ids_keep[..., None].expand(-1, -1, 2)))
+    assert not torch.equal(m[0], m[1])                          # a different tube set per sample
     # while random masking is not a tube
     _, mask_r, _, _ = V.random_masking(x, 0.9, "random", T)
     mr = mask_r.reshape(4, T, S)
     assert not torch.equal(mr, mr[:, :1].expand(-1, T, -1))
 
 
-def test_separable_pos_table_is_spatial_plus_temporal():
+@pytest.mark.parametrize("mask_type, L, T, ratio", [("random", 1568, 8, 0.9), ("random", 64, 4, 0.75),
+                                                    ("tube", 64, 4, 0.75), ("tube", 1568, 8, 0.9)])
+def test_masking_matches_the_reference_draw(mask_type, L, T, ratio):
+    """The official draw: noise = torch.rand(N, L) (tube: torch.rand(N, 1, S)), the tokens with the
+    SMALLEST noise kept, in increasing noise order; every output equal to the loop reference."""
+    x = torch.randn(3, L, 5)
+    torch.manual_seed(11)
+    got = V.random_masking(x, ratio, mask_type, T)
+    torch.manual_seed(11)
+    ref = ref_random_masking(x, ratio, mask_type, T)
+    for name, a, b in zip(["x_masked", "mask", "ids_restore", "ids_keep"], got, ref):
+        assert a.shape == b.shape and torch.equal(a.to(b.dtype), b), name
+
+
+def test_masking_tube_leaves_nothing_to_copy_from_other_frames():
+    """Why tubes are harder (explore exercise): with random spacetime masking a removed token's
+    spatial position is often visible in another time slice (1 - r^(T'-1) of them: 0.52 for the
+    paper's 8 x 196 at 90%), so the decoder can copy a static background from there; a tube
+    removes the position in every slice, so nothing of it is left anywhere in the clip."""
+    def copyable(mask, T, S):
+        m = mask.reshape(-1, T, S)                              # (N, T', S)
+        visible_somewhere = (m == 0).any(1, keepdim=True).expand(-1, T, -1)   # (N, T', S)
+        return (visible_somewhere & (m == 1)).sum().item() / (m == 1).sum().item()
+    torch.manual_seed(0)
+    T, S = 8, 196
+    x = torch.zeros(16, T * S, 1)
+    _, mask_r, _, _ = V.random_masking(x, 0.9, "random", T)
+    _, mask_t, _, _ = V.random_masking(x, 0.9, "tube", T)
+    assert abs(copyable(mask_r, T, S) - (1 - 0.9 ** (T - 1))) < 0.03
+    assert copyable(mask_t, T, S) == 0.0
+
+
+def test_masking_where_the_encoder_uses_it(monkeypatch):
+    """The model's own forward: the encoder sees exactly the tokens with mask 0 (in ids_keep
+    order), and the returned mask / ids_restore are those of that draw; tube via mask_type."""
+    use_refs(monkeypatch, "tokens", "pos_embed")
+    for mask_type, n_keep in [("random", 16), ("tube", 16)]:
+        m = perturb(small(mask_type=mask_type))
+        x = torch.randn(3, 3, 8, 32, 32)
+        seen = first_input(m.blocks[0])
+        torch.manual_seed(6)
+        latent, mask, ids_restore = m.forward_encoder(x, 0.75)
+        assert latent.shape == (3, n_keep, 128) and seen["x"].shape == (3, 1 + n_keep, 128)
+        tokens = ref_patch_embed(m.patch_embed, x).reshape(3, 64, -1)
+        tokens = tokens + ref_separable_pos_embed(m.pos_embed_spatial, m.pos_embed_temporal)
+        for n in range(3):
+            kept = (mask[n] == 0).nonzero().flatten()              # token indices the model kept
+            assert len(kept) == n_keep
+            order = ids_restore[n, kept].argsort()                 # their order in the shuffled sequence
+            assert torch.allclose(seen["x"][n, 1:], tokens[n, kept[order]], atol=1e-5)
+        torch.manual_seed(6)
+        _, ref_mask, ref_restore, _ = ref_random_masking(tokens, 0.75, mask_type, 4)
+        assert torch.equal(mask, ref_mask) and torch.equal(ids_restore, ref_restore)
+        if mask_type == "tube":
+            assert torch.equal(mask.reshape(3, 4, 16), mask.reshape(3, 4, 16)[:, :1].expand(-1, 4, -1))
+
+
+def test_pos_embed_table_is_spatial_plus_temporal():
     spatial, temporal = torch.randn(1, 6, 5), torch.randn(1, 3, 5)
     table = V.separable_pos_embed(spatial, temporal)
     assert table.shape == (1, 18, 5)
     for t in range(3):
         for s in range(6):
             assert torch.equal(table[0, t * 6 + s], spatial[0, s] + temporal[0, t])
+    # the paper's grid: 8 time slices x 196 positions, every one of the 1568 rows
+    spatial, temporal = torch.randn(1, 196, 4), torch.randn(1, 8, 4)
+    assert torch.equal(V.separable_pos_embed(spatial, temporal), ref_separable_pos_embed(spatial, temporal))
 
 
-def test_positions_gathered_after_masking_equal_added_before():
-    """mae_st adds the pos table after masking, at the kept indices; the encoder input must equal
-    'add to every token, then mask' (checked through the first block's input)."""
-    m = small()
+def test_pos_embed_every_kept_token_gets_its_own_position(monkeypatch):
+    """Where the model uses it (mae_st adds the table AFTER masking, gathered at ids_keep): the
+    encoder's k-th input token is the embedding of token l = ids_keep[k] plus spatial[s] +
+    temporal[t] of that token's own (t, s) = divmod(l, S); the cls token carries pos_embed_class."""
+    use_refs(monkeypatch, "tokens", "masking")
+    m = perturb(small())
+    with torch.no_grad():                                       # trained tables are far from 0.02-noise
+        m.pos_embed_spatial.normal_()
+        m.pos_embed_temporal.normal_()
     x = torch.randn(2, 3, 8, 32, 32)
-    seen = {}
-    m.blocks[0].register_forward_pre_hook(lambda mod, inp: seen.setdefault("x", inp[0].clone()))
+    seen = first_input(m.blocks[0])
     torch.manual_seed(5)
     m.forward_encoder(x, 0.75)
-    tokens = m.patch_embed(x).reshape(2, 64, -1) + V.separable_pos_embed(m.pos_embed_spatial, m.pos_embed_temporal)
-    torch.manual_seed(5)
-    ref, _, _, _ = V.random_masking(tokens, 0.75)
-    assert torch.allclose(seen["x"][:, 1:], ref, atol=1e-6)
-    assert torch.allclose(seen["x"][:, 0], (m.cls_token + m.pos_embed_class)[0].expand(2, -1))
+    ids_keep = ref_random_masking.last["ids_keep"]
+    tokens = ref_patch_embed(m.patch_embed, x).reshape(2, 64, -1)      # (N, L, D)
+    S = 16
+    for n in range(2):
+        for k, l in enumerate(ids_keep[n].tolist()):
+            t, s = divmod(l, S)
+            expect = tokens[n, l] + m.pos_embed_spatial[0, s] + m.pos_embed_temporal[0, t]
+            assert torch.allclose(seen["x"][n, 1 + k], expect, atol=1e-5), (n, k, t, s)
+        assert torch.allclose(seen["x"][n, 0], m.cls_token[0, 0] + m.pos_embed_class[0, 0])
 
 
-def test_target_frames_one_per_token_at_official_indices():
+def test_pos_embed_gives_gradient_to_the_rows_in_use(monkeypatch):
+    """Both tables are learned: temporal[t] gets the gradient of every kept token in slice t, and
+    spatial[s] of every kept token at position s; rows no kept token uses get none."""
+    use_refs(monkeypatch, "tokens", "masking")
+    m = small()
+    x = torch.randn(1, 3, 8, 32, 32)
+    torch.manual_seed(7)
+    latent, _, _ = m.forward_encoder(x, 0.9)                   # 6 of 64 tokens kept
+    latent.sum().backward()
+    kept = ref_random_masking.last["ids_keep"][0].tolist()
+    used_t, used_s = {l // 16 for l in kept}, {l % 16 for l in kept}
+    g_t = m.pos_embed_temporal.grad[0].abs().sum(-1)            # (T',)
+    g_s = m.pos_embed_spatial.grad[0].abs().sum(-1)             # (S,)
+    assert [t for t in range(4) if g_t[t] > 0] == sorted(used_t)
+    assert [s for s in range(16) if g_s[s] > 0] == sorted(used_s)
+
+
+def test_target_frames_one_per_token_at_official_indices(monkeypatch):
+    use_refs(monkeypatch, "tokens")
     assert V.target_frame_indices(16, 8).tolist() == [0, 2, 4, 6, 8, 10, 12, 15]   # 15, not 14 (mae_st)
     assert V.target_frame_indices(8, 4).tolist() == [0, 2, 4, 7]
     with torch.device("meta"):
@@ -107,31 +355,119 @@ def test_target_frames_one_per_token_at_official_indices():
     assert not torch.equal(V.prediction_target(t, v), V.prediction_target(t, w))
 
 
-def test_loss_only_on_removed_tokens():
+def ref_loss(pred, target, mask):
+    """Mean over the removed tokens of each token's mean squared error, by a loop."""
+    total, count = 0.0, 0
+    for n in range(mask.shape[0]):
+        for l in range(mask.shape[1]):
+            if mask[n, l] == 1:
+                total += ((pred[n, l] - target[n, l]) ** 2).mean().item()
+                count += 1
+    return total / count
+
+
+def test_loss_only_on_removed_patches(monkeypatch):
+    use_refs(monkeypatch, "tokens")
     m = small()
     v = torch.randn(2, 3, 8, 32, 32)
-    torch.manual_seed(1)
-    latent, mask, ids_restore = m.forward_encoder(v, 0.9)
-    pred = m.forward_decoder(latent, ids_restore).detach().requires_grad_(True)
+    pred = torch.randn(2, 64, 192, requires_grad=True)
+    mask = torch.ones(2, 64)
+    mask[0, [3, 7, 8, 20, 41, 63]] = 0                         # an uneven number removed per sample
+    mask[1, [0, 1, 2, 5, 9, 10, 11, 30, 33, 50, 60]] = 0
     loss = V.forward_loss(m, v, pred, mask)
     loss.backward()
     vis = mask == 0
-    assert torch.all(pred.grad[vis] == 0) and pred.grad[~vis].abs().sum() > 0
+    assert torch.all(pred.grad[vis] == 0) and torch.all(pred.grad[~vis].abs().sum(-1) > 0)
     changed = pred.detach().clone()
     changed[vis] += 100.0
     assert torch.equal(V.forward_loss(m, v, changed, mask), loss.detach())
-    # and it is the mean over removed tokens of the per-token mean squared error
-    target = V.prediction_target(m, v)
-    per_token = ((pred.detach() - target) ** 2).mean(-1)
-    assert torch.allclose(loss, per_token[~vis].mean())
+    # the value: the mean over ALL removed tokens of the batch of the per-token mean squared error
+    target = ref_patchify(m, v[:, :, [0, 2, 4, 7]])
+    assert abs(loss.item() - ref_loss(pred.detach(), target, mask)) < 1e-5
+    # a batch-level mean, not the mean of per-sample means (the two samples remove 58 and 53)
+    per_sample = [((pred[n] - target[n]) ** 2).mean(-1)[mask[n] == 1].mean().item() for n in range(2)]
+    assert abs(loss.item() - sum(per_sample) / 2) > 1e-4
 
 
-def test_norm_pix_target_is_standardised_per_patch():
+def test_loss_in_the_model_forward(monkeypatch):
+    """model(videos) returns the loss of ITS prediction against the patchified target frames on the
+    removed tokens of ITS mask (norm_pix: each target patch standardised, unbiased var, eps 1e-6)."""
+    use_refs(monkeypatch, "tokens", "masking", "pos_embed")
+    for norm_pix in (False, True):
+        m = perturb(small(norm_pix_loss=norm_pix))
+        v = torch.randn(2, 3, 8, 32, 32) * 2 + 0.5
+        torch.manual_seed(8)
+        loss, pred, mask = m(v, 0.9)
+        assert pred.shape == (2, 64, 192) and torch.equal(mask, ref_random_masking.last["mask"])
+        target = ref_patchify(m, v[:, :, [0, 2, 4, 7]])
+        if norm_pix:
+            target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
+        assert abs(loss.item() - ref_loss(pred.detach(), target, mask)) < 1e-5
+
+
+def test_norm_pix_target_is_standardised_per_patch(monkeypatch):
+    use_refs(monkeypatch, "tokens")
     m = small(norm_pix_loss=True)
     v = torch.randn(2, 3, 8, 32, 32) * 3 + 1
     target = V.prediction_target(m, v)
     assert torch.allclose(target.mean(-1), torch.zeros(2, 64), atol=1e-5)
     assert torch.allclose(target.var(-1), torch.ones(2, 64), atol=1e-3)     # unbiased variance, as mae_st
+
+
+def decoder_case(monkeypatch, mask_ratio=0.75, seed=9):
+    use_refs(monkeypatch, "tokens", "masking", "pos_embed")
+    m = perturb(small())
+    with torch.no_grad():
+        m.decoder_pos_embed_spatial.normal_()
+        m.decoder_pos_embed_temporal.normal_()
+    x = torch.randn(2, 3, 8, 32, 32)
+    torch.manual_seed(seed)
+    latent, mask, ids_restore = m.forward_encoder(x, mask_ratio)
+    return m, latent, mask, ids_restore, ref_random_masking.last["ids_keep"]
+
+
+def test_unshuffle_every_token_reaches_its_slot(monkeypatch):
+    """The decoder's first block sees, at slot 1 + l (token order): decoder_embed of the encoded
+    token l if it was kept (the k-th encoder output for l = ids_keep[k]), else the mask token; plus
+    token l's own decoder position; slot 0 is decoder_cls_token + decoder_pos_embed_class."""
+    for ratio in (0.75, 0.9):
+        m, latent, mask, ids_restore, ids_keep = decoder_case(monkeypatch, ratio)
+        seen = first_input(m.decoder_blocks[0])
+        pred = m.forward_decoder(latent, ids_restore)
+        assert pred.shape == (2, 64, 192) and seen["x"].shape == (2, 65, 64)
+        S = 16
+        for n in range(2):
+            slot_of = {l: k for k, l in enumerate(ids_keep[n].tolist())}
+            for l in range(64):
+                t, s = divmod(l, S)
+                content = m.decoder_embed(latent[n, slot_of[l]]) if l in slot_of else m.mask_token[0, 0]
+                expect = content + m.decoder_pos_embed_spatial[0, s] + m.decoder_pos_embed_temporal[0, t]
+                assert torch.allclose(seen["x"][n, 1 + l], expect, atol=1e-5), (n, l)
+            assert torch.allclose(seen["x"][n, 0], m.decoder_cls_token[0, 0] + m.decoder_pos_embed_class[0, 0])
+
+
+def test_unshuffle_prediction_of_token_l_is_slot_l(monkeypatch):
+    """After the blocks: decoder_norm, decoder_pred, and the cls slot dropped, so that pred[:, l]
+    is token l's prediction (what the loss compares with target l)."""
+    m, latent, mask, ids_restore, _ = decoder_case(monkeypatch)
+    out = {}
+    m.decoder_blocks[-1].register_forward_hook(lambda mod, inp, o: out.__setitem__("x", o.detach()))
+    pred = m.forward_decoder(latent, ids_restore)
+    expect = m.decoder_pred(m.decoder_norm(out["x"]))          # (N, 1 + L, 192)
+    assert torch.allclose(pred, expect[:, 1:], atol=1e-5)
+
+
+def test_unshuffle_decoder_is_order_free(monkeypatch):
+    """The same visible tokens in another shuffled order (with the matching ids_restore) give the
+    same prediction for every token: the un-shuffle, not the order of the encoder, places them."""
+    m, latent, mask, ids_restore, _ = decoder_case(monkeypatch)
+    a = m.forward_decoder(latent, ids_restore)
+    K = latent.shape[1]
+    perm = torch.randperm(K)
+    ids_shuffle = ids_restore.argsort(1)
+    ids_shuffle2 = torch.cat([ids_shuffle[:, :K][:, perm], ids_shuffle[:, K:]], 1)
+    b = m.forward_decoder(latent[:, perm], ids_shuffle2.argsort(1))
+    assert torch.allclose(a, b, atol=1e-5)
 
 
 def test_large_has_official_names_and_shapes():
