@@ -601,7 +601,7 @@ def test_lineage_diffmae_main_starts_from_the_mae_checkpoint(mae_checkpoint, tmp
     assert m["script"] == "diffmae" and m["model"] == "tiny" and m["steps"] >= 1 and math.isfinite(m["val_loss"])
 
 
-def test_bf16_autocast_training_step_and_sampler_run_on_cpu():
+def test_bf16_autocast_training_step_and_inpainting_run_on_cpu():
     """--precision bf16 (autocast): the decoder's bf16 output is scattered into the fp32 patch grid;
     a dtype mismatch there stopped `diffmae.py --smoke --precision bf16` (found rehearsing bench_gpu.sh)."""
     torch.manual_seed(0)
