@@ -36,7 +36,7 @@ WRONG = []
 # (script, functions to blank, grading command): the re-implement exercises
 EXERCISES = []
 
-# ============================================================ mae.py: 18 wrong answers, 4 exercises
+# ============================================================ mae.py: 19 wrong answers, 4 exercises
 _M = 'python -m pytest tests/test_mae.py -k "masking"'
 _U = 'python -m pytest tests/test_mae.py -k "unshuffle"'
 _L = 'python -m pytest tests/test_mae.py -k "patchify or loss"'
@@ -124,6 +124,13 @@ WRONG += [
      "if p == 0.0 or not training:",
      "if p == 0.0:",
      "still drops in eval mode"),
+]
+
+WRONG += [  # found in the final read
+    ("mae", _L,
+     "target = (target - mean) / (var + 1.0e-6) ** 0.5",
+     "target = (target - mean) / (var ** 0.5 + 1.0e-6)",
+     "norm_pix_loss with the 1e-6 outside the square root (official: inside)"),
 ]
 
 EXERCISES += [
@@ -572,7 +579,7 @@ EXERCISES += [
     ("vitdet", ["fcos_targets", "fcos_loss"], 'python -m pytest tests/test_vitdet.py -k "fcos"'),
 ]
 
-# ============================================================ tome.py: 18 wrong answers, 3 exercises
+# ============================================================ tome.py: 19 wrong answers, 3 exercises
 # Wrong answers for tome.py (merged into tests/wrong_answers.py by the coordinator).
 M = 'python -m pytest tests/test_tome.py -k "matching"'
 W = 'python -m pytest tests/test_tome.py -k "wavg"'
@@ -662,6 +669,17 @@ EXERCISES += [
     ("tome", ["bipartite_soft_matching"], M),
     ("tome", ["merge_wavg"], W),
     ("tome", ["Attention.forward"], A),
+]
+
+WRONG += [  # found in the final read
+    ("tome", 'python -m pytest tests/test_tome.py -k "wavg"',
+     '''    x = merge(x * size, mode="sum")  # step 6: (B, T - r, D)  sum of s_i x_i over each group
+    size = merge(size, mode="sum")  # (B, T - r, 1)  s' = sum of s_i
+    return x / size, size''',
+     '''    x = merge(x, mode="mean")  # an unweighted mean of each group
+    size = merge(size, mode="sum")  # (B, T - r, 1)  s' = sum of s_i
+    return x, size''',
+     "merges by a plain mean, ignoring the sizes of the tokens merged"),
 ]
 
 # ============================================================ revvit.py: 19 wrong answers, 4 exercises
