@@ -4,7 +4,7 @@ Sections: command line and run set-up / the synthetic "shapes" world / reading f
 transforms / datasets and loaders / optimisation and the shared training loop / checkpoints /
 evaluation, pictures and benchmarks. Each script imports this module as `C`.
 """
-import argparse, json, math, os, random, shlex, statistics, sys, tempfile, time
+import argparse, json, math, os, random, shlex, statistics, sys, tempfile, time, weakref
 from contextlib import nullcontext
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
@@ -152,7 +153,7 @@ def autocast(run):
     return torch.autocast(run.device.type, dtype=run.amp_dtype)
 
 def log(run, *msg):
-    if run.is_main:
+    if run is None or run.is_main:
         print(*msg, flush=True)
 
 # ------------------------------------------------------------------ the synthetic "shapes" world
@@ -173,7 +174,7 @@ def _shape_mask(kind, cx, cy, r, yy, xx):
     if kind == "cross":    return (np.minimum(abs(dx), abs(dy)) <= r / 3) & (np.maximum(abs(dx), abs(dy)) <= r)
     return (d <= r) & (d >= 0.55 * r)  # ring
 
-def _background(rng, s):
+def background(rng, s):
     """A muted colour with stripes at a random angle and frequency, plus pixel noise: (s, s, 3) in [0, 1]."""
     yy, xx = np.mgrid[0:s, 0:s] / s
     angle, freq = rng.uniform(0, np.pi), rng.uniform(2, 6)
@@ -186,7 +187,7 @@ def _where(cx, cy, s):
     h = "left" if cx < s / 3 else "right" if cx > 2 * s / 3 else ""
     return f"the {v} {h}".replace("  ", " ").strip() if (v or h) else "the center"
 
-def _paint(canvas, kind, colour, cx, cy, r, ss):
+def paint(canvas, kind, colour, cx, cy, r, ss):
     """Draws a shape, anti-aliased by 2x supersampling; returns its pixel box (x0, y0, x1, y1)."""
     s = canvas.shape[0]
     yy, xx = (np.mgrid[0:s * ss, 0:s * ss] + 0.5) / ss
@@ -203,7 +204,7 @@ def shapes_images(n, size=32, seed=0):
     images, labels, boxes, box_labels, captions = [], [], [], [], []
     names = list(COLORS)
     for _ in range(n):
-        canvas, objs = _background(rng, s), []
+        canvas, objs = background(rng, s), []
         r = rng.uniform(0.18, 0.32) * s
         objs.append((rng.integers(len(CLASSES)), r, *rng.uniform(r, s - r, 2)))  # the main shape
         for j in range(rng.integers(0, 3)):  # 0-2 smaller distractors that overlap no other shape
@@ -215,7 +216,7 @@ def shapes_images(n, size=32, seed=0):
         bx, words = [], []
         for k, r, cx, cy in objs:  # the main shape last
             colour = names[rng.integers(len(names))]
-            bx.append(_paint(canvas, CLASSES[k], COLORS[colour], cx, cy, r, 2))
+            bx.append(paint(canvas, CLASSES[k], COLORS[colour], cx, cy, r, 2))
             words.append(f"a {'large' if r > 0.25 * s else 'medium' if r > 0.15 * s else 'small'} "
                          f"{colour} {CLASSES[k]} at {_where(cx, cy, s)}")
         images.append(torch.from_numpy((canvas * 255).round().astype(np.uint8)).permute(2, 0, 1))
@@ -233,9 +234,9 @@ def shapes_videos(n, frames=8, size=32, seed=0):
     videos, labels = [], []
     steps = {0: (1, 0), 1: (-1, 0), 2: (0, 1), 3: (0, -1)}  # right, left, down, up in (x, y)
     for _ in range(n):
-        bg, label = _background(rng, s), int(rng.integers(4))
+        bg, label = background(rng, s), int(rng.integers(4))
         r = rng.uniform(0.12, 0.18) * s
-        _paint(bg, CLASSES[rng.integers(len(CLASSES))], COLORS["white"], *rng.uniform(0.1 * s, 0.9 * s, 2), 0.1 * s, 2)
+        paint(bg, CLASSES[rng.integers(len(CLASSES))], COLORS["white"], *rng.uniform(0.1 * s, 0.9 * s, 2), 0.1 * s, 2)
         travel = rng.uniform(0.5, 0.9) * (s - 2 * r)
         start = rng.uniform(r, s - r, 2)
         (ux, uy), axis = steps[label], 0 if steps[label][0] else 1
@@ -244,7 +245,7 @@ def shapes_videos(n, frames=8, size=32, seed=0):
         clip = []
         for t in range(frames):
             f = bg.copy()
-            _paint(f, kind, colour, start[0] + ux * travel * t / max(frames - 1, 1),
+            paint(f, kind, colour, start[0] + ux * travel * t / max(frames - 1, 1),
                    start[1] + uy * travel * t / max(frames - 1, 1), r, 2)
             clip.append(torch.from_numpy((f * 255).round().astype(np.uint8)).permute(2, 0, 1))
         videos.append(torch.stack(clip)); labels.append(label)
@@ -535,6 +536,10 @@ def resize(x, size):
     size = (size, size) if isinstance(size, int) else tuple(size)
     if tuple(x.shape[-2:]) == size:
         return x
+    if x.dtype == torch.uint8 and x.device.type == "cpu":  # torch's uint8 kernel: 5-10x the float path, within 1 level
+        y = F.interpolate(x.reshape(-1, *x.shape[-3:]).contiguous(memory_format=torch.channels_last), size=size,
+                          mode="bilinear", antialias=True, align_corners=False).contiguous()
+        return y.reshape(*x.shape[:-2], *size)
     y = F.interpolate(x.float().reshape(-1, *x.shape[-3:]), size=size, mode="bilinear", antialias=True, align_corners=False)
     y = y.reshape(*x.shape[:-2], *size)
     return y.round().clamp(0, 255).to(x.dtype) if x.dtype == torch.uint8 else y
@@ -839,8 +844,9 @@ def _epochs(net, model, opt, scaler, loss_fn, loader, args, run, history, ckpt, 
         if isinstance(getattr(loader, "sampler", None), DistributedSampler):
             loader.sampler.set_epoch(epoch)
         net.train()
-        t0, seen = time.time(), 0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not run.is_main, leave=False)
+        t0, seen, said = time.time(), 0, time.time()
+        tty = sys.stderr.isatty()  # in a log file (a cluster job) a line a minute instead of a bar
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not run.is_main or not tty, leave=False)
         for i, batch in enumerate(bar):
             lr = lr_at(args, epoch + (i / n if n > 1 else 0.5))  # one batch an epoch: its middle, not lr 0
             for g in opt.param_groups:
@@ -867,6 +873,10 @@ def _epochs(net, model, opt, scaler, loss_fn, loader, args, run, history, ckpt, 
             history["losses"].append(value.item()); history["steps"] += 1
             seen += len(batch[0]) * run.world_size
             bar.set_postfix(loss=f"{value.item():.4f}", lr=f"{lr:.2e}", samples_per_s=f"{seen / (time.time() - t0):.0f}")
+            if not tty and time.time() - said > 60:
+                said = time.time()
+                log(run, f"epoch {epoch + 1}/{args.epochs}  step {i + 1}/{n}  loss {value.item():.4f}  lr {lr:.2e}  "
+                         f"{seen / (said - t0):.0f} samples/s")
         history["seconds"] += time.time() - t0
         history["epoch"] = epoch + 1
         log(run, f"epoch {epoch + 1}/{args.epochs}  loss {np.mean(history['losses'][-n:]):.4f}  "
@@ -985,8 +995,18 @@ def state_mismatch(model, state_dict, allow_missing=()):
     return "; ".join(f"{what} {show(ks)}" for what, ks in (("missing", missing), ("unexpected", extra),
                                                             ("wrong shape", shape)) if ks)
 
-def load_state(model, state_dict, source, allow_missing=()):
-    """Strict load; every missing, unexpected or wrongly shaped key is named in one line."""
+def load_state(model, state_dict, source, allow_missing=(), new_head=None, run=None):
+    """Strict load; every missing, unexpected or wrongly shaped key is named in one line. With
+    new_head="head." a classification head for another class count (the keys under that prefix) is
+    left out and the model's freshly initialised one kept, saying so: fine-tuning on new classes."""
+    if new_head:
+        own = {k: v.shape for k, v in model.state_dict().items() if k.startswith(new_head) and v.ndim == 2}
+        if any(k in state_dict and state_dict[k].shape[0] != s[0] for k, s in own.items()):
+            k = next(iter(own))
+            log(run, f"{source}: its head has {state_dict[k].shape[0]} classes, this model {own[k][0]}: "
+                     f"the head ({new_head}*) starts from scratch")
+            state_dict = {k: v for k, v in state_dict.items() if not k.startswith(new_head)}
+            allow_missing = tuple(allow_missing) + (new_head,)
     msg = state_mismatch(model, state_dict, allow_missing)
     if msg:
         die(f"{source}: does not fit this model: {msg}")
@@ -1110,6 +1130,92 @@ def count_flops(fn):
     with fc.FlopCounterMode(display=False, custom_mapping=cpu_sdpa) as counter:
         fn()
     return counter.get_total_flops()
+
+def time_ab(fns, run, rounds=5, warmup=1):
+    """{name: median seconds of one call} for the callables in the dict `fns`, timed in interleaved
+    rounds (A, B, A, B, ...) after `warmup` calls of each, so that a shared machine's drift hits every
+    candidate alike; compare candidates by their ratio."""
+    sync = torch.cuda.synchronize if run.device.type == "cuda" else (lambda: None)
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            sync(); t = time.perf_counter(); fn(); sync()
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+def saved_bytes(fn, params=()):
+    """(bytes, fn()): the distinct storages autograd saves for backward while fn() runs (the
+    activation memory of backprop), the storages of `params` excluded. Storages, not tensors, so that
+    a tensor saved by several ops counts once."""
+    skip, seen = {p.untyped_storage().data_ptr() for p in params}, {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in skip:
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(seen.values()), out
+
+class _LiveBytes(TorchDispatchMode):
+    """Counts the bytes of every tensor storage made while active until it is freed, and the peak."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.storages = weakref.WeakKeyDictionary()
+
+    def _free(self, nbytes):
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and not isinstance(t, torch.nn.Parameter):
+                s = t.untyped_storage()
+                if s not in self.storages and s.nbytes() > 0:
+                    self.storages[s] = weakref.finalize(s, self._free, s.nbytes())
+                    self.live += s.nbytes()
+                    self.peak = max(self.peak, self.live)
+        return out
+
+def peak_memory(fn, run):
+    """(bytes, fn()): the peak of tensor memory, above what was held before, while fn() runs (a
+    whole training step: forward, backward, optimizer step). On CUDA the allocator's peak; on a CPU,
+    which has no allocator to ask, every storage made while fn() runs is counted until it is freed."""
+    if run.device.type == "cuda":
+        torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        out = fn(); torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before, out
+    with _LiveBytes() as mode:
+        out = fn()
+    return mode.peak, out
+
+@torch.no_grad()
+def top1(predict, loader, run, keep=16):
+    """(accuracy, shown): held-out top-1 of predict(inputs on the device) -> logits over the loader's
+    (inputs, labels) batches, and the first `keep` (input, prediction, label) for a picture. Under
+    torchrun each rank scores its shard of a sharded loader and the counts are summed."""
+    correct = total = 0
+    shown = []
+    for x, y in loader:
+        with autocast(run):
+            pred = predict(to_device(x, run.device)).argmax(-1).cpu()
+        correct += (pred == y).sum().item()
+        total += len(y)
+        if len(shown) < keep:
+            shown += list(zip(x, pred, y))[:keep - len(shown)]
+    if run.distributed:
+        counts = torch.tensor([correct, total], dtype=torch.float64, device=run.device)
+        dist.all_reduce(counts)
+        correct, total = counts.tolist()
+    return correct / max(total, 1), shown
 
 def benchmark(fn, run, warmup=3, reps=10):
     """Median wall time of fn() in seconds, after warm-up, with CUDA synchronized."""

@@ -591,7 +591,7 @@ def cue_videos(n, num_clips=3, frames=8, size=32, seed=0, num_classes=4):
     names = CUE_COLORS[:num_classes]
     videos, labels = [], []
     for _ in range(n):
-        bg, label = C._background(rng, s), int(rng.integers(num_classes))
+        bg, label = C.background(rng, s), int(rng.integers(num_classes))
         movers = []
         for _ in range(2):
             r = rng.uniform(0.12, 0.18) * s
@@ -604,7 +604,7 @@ def cue_videos(n, num_clips=3, frames=8, size=32, seed=0, num_classes=4):
             f = bg.copy()
             for kind, col, a, b, r in movers:
                 cx, cy = a + (b - a) * t / (total - 1)
-                C._paint(f, kind, col, cx, cy, r, 2)
+                C.paint(f, kind, col, cx, cy, r, 2)
             if t < frames // 2:  # the cue: clip 0, first half
                 f[:border], f[-border:], f[:, :border], f[:, -border:] = colour, colour, colour, colour
             video.append(torch.from_numpy((f * 255).round().astype(np.uint8)).permute(2, 0, 1))
