@@ -1219,14 +1219,7 @@ def top1(predict, loader, run, keep=16):
 
 def benchmark(fn, run, warmup=3, reps=10):
     """Median wall time of fn() in seconds, after warm-up, with CUDA synchronized."""
-    sync = torch.cuda.synchronize if run.device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        sync(); t = time.perf_counter(); fn(); sync()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return time_ab({"fn": fn}, run, rounds=reps, warmup=warmup)["fn"]
 
 def bench_data(root, video=False, input_size=224, batch_size=32, items=512, num_frames=16, sampling_rate=4,
                workers=None):
