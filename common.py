@@ -1149,18 +1149,19 @@ def time_ab(fns, run, rounds=5, warmup=1):
 def saved_bytes(fn, params=()):
     """(bytes, fn()): the distinct storages autograd saves for backward while fn() runs (the
     activation memory of backprop), the storages of `params` excluded. Storages, not tensors, so that
-    a tensor saved by several ops counts once."""
-    skip, seen = {p.untyped_storage().data_ptr() for p in params}, {}
+    a tensor saved by several ops counts once. Keyed by the storage itself (torch's `_cdata`), not its
+    address, so that it counts on the "meta" device too (shapes only), where every address is 0."""
+    skip, seen = {p.untyped_storage()._cdata for p in params}, {}
 
     def pack(t):
         s = t.untyped_storage()
-        if s.data_ptr() not in skip:
-            seen[s.data_ptr()] = s.nbytes()
+        if s._cdata not in skip:
+            seen[s._cdata] = (s.nbytes(), t)  # t kept alive meanwhile: its key cannot be reused
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
-    return sum(seen.values()), out
+    return sum(n for n, _ in seen.values()), out
 
 class _LiveBytes(TorchDispatchMode):
     """Counts the bytes of every tensor storage made while active until it is freed, and the peak."""
