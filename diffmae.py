@@ -18,28 +18,45 @@ encoder is then a representation learner like MAE's (the paper fine-tunes it: Vi
 
 What this file reproduces in miniature: a tiny DiffMAE trained on the synthetic shapes images
 (32x32, 4x4 patches, 64 tokens) with the three decoders the paper studies (--decoder cross_self,
-cross, joint); inpainting of held-out images with random and centre masks; PSNR of the sampled
-masked region next to the 1-step (MAE-like) prediction; a detail measure that shows what the
-later steps add; a linear probe on the frozen encoder next to the untrained encoder's; a picture
-of the x0 prediction along the denoising steps (the paper's Figure 1 idea).
+cross, joint); inpainting of held-out images with random and centre masks, checked as a draw from
+the conditional distribution p(x0^m | x0^v) by the numbers that can tell (evaluate,
+posterior_figures): the spread between two samples of the same masked image against their error
+to the truth (1.0 for a sampler of the posterior), and the error of the mean of k samples falling
+toward the 1-step (MAE-like) guess's, the posterior mean; a linear probe on the frozen encoder
+next to the untrained encoder's; a picture of several samples of each masked image beside the
+1-step guess, the x0 prediction along the chain (the paper's Figure 1 idea) and the original.
 
-    python diffmae.py                 # train tiny on synthetic shapes, inpaint, probe, picture
+    python diffmae.py                 # train tiny on synthetic shapes, sample, check, probe, picture
     python diffmae.py --data DIR      # the same on an image folder (DIR/<class>/*.jpg or flat)
     python diffmae.py --smoke         # seconds: the loss is finite and falls
     python diffmae.py --bench         # PSNR and time per sampling step count; train step vs MAE
 
-A default run (12 epochs, 372 steps; 6.5 min in all on one thread of a busy CPU) measured here:
-held-out loss 2.80 -> 0.40; 50-step inpainting PSNR 14.6 dB vs 16.4 dB for the 1-step MAE-like
-guess, but detail 0.60 vs 0.46 of the real images' (sampling paints sharp, plausible content where
-the 1-step mean is blurry; see the PSNR note below); linear probe 0.35, no better than at
-initialization (0.35; 6 classes): this short run teaches the 4-block encoder little about the
-shapes' kinds (the probe moves by about 0.02 with its head's random initialization).
+A default run (4 epochs of 16 images, 500 steps; 135 s of CPU on one thread, 20 min wall on a
+CPU shared with ~28 other jobs) measured here, the sampler check on 32 held-out images, 4 samples
+each, 50 steps: spread / error 0.74 (the aim is 1; samples are still too alike); the MSE per hidden
+pixel value of the mean of k = 1, 2, 4 samples 0.055, 0.045, 0.040, falling toward the 1-step
+guess's 0.033 (a perfect sampler's, (1 + 1/k) x 0.033: 0.067, 0.050, 0.042), their distance to the
+1-step guess 0.026, 0.016, 0.011; PSNR 13.2 vs 15.3 dB and detail 0.67 vs 0.39 (one sample vs the
+1-step guess); held-out loss 2.79 -> 0.44; linear probe 0.28 vs 0.30 at initialization (6 classes):
+this short run teaches the 4-block encoder nothing about the shapes' kinds.
 
-Outputs in --out (runs/diffmae): checkpoint.pt, metrics.json (val_loss val_loss_init psnr_masked
-psnr_masked_1step probe_acc probe_acc_init, and detail_masked detail_masked_1step: the hidden
-region's neighbouring-pixel contrast as a fraction of the real image's), diffmae_inpaint.png.
+Why this recipe. The sampler check rewards a decoder that has learned to denoise at every noise
+level, and at equal compute more, smaller steps bought that: measured on 32 held-out images, 4
+samples each, 50 sampling steps (spread / error; MSE of one sample, of the mean of 4, of the
+1-step guess): 124 steps of 64 images (4 epochs, warmup 1) 0.39 (0.051, 0.044, 0.037); 375 steps
+of 16 (3 epochs, warmup 1) 0.66 (0.054, 0.041, 0.034); 750 steps of 8 (--batch_size 8 --epochs 3
+--warmup_epochs 0.5, about the default's CPU time) 0.76 (0.059, 0.042, 0.034). On the 124-step model the sampler's own knobs moved it little: 25 / 50 /
+100 steps 0.37 / 0.39 / 0.41, DDPM's larger variance beta_t in place of beta_tilde 0.36, timesteps
+spaced quadratically toward t = 1 0.42. With rho = 0.8 the schedule is pure noise for most t
+(abar_400 = 0.008), so most training draws teach only the 1-step guess.
 
-What is verified and what is ours (see the fact sheet ../shared/papers/diffmae.md). Verified from
+Outputs in --out (runs/diffmae): checkpoint.pt, metrics.json (val_loss val_loss_init probe_acc
+probe_acc_init; the sampler check: spread_over_error, mse_sample, mse_1step, mse_mean_k and
+dist_mean_k (per k: the mean of k samples against the truth and against the 1-step guess);
+psnr_masked psnr_masked_1step, and detail_masked detail_masked_1step: the hidden region's
+neighbouring-pixel contrast as a fraction of the real image's), diffmae_inpaint.png.
+
+What is verified and what is ours (no official code exists; our reading of the paper). Verified from
 the paper's abstract, figure captions and project page: the encoder is a plain ViT on the clean
 visible patches (MAE's); only the masked patches are diffused, at a random noise level per sample; the
 decoder predicts pixels (x0) with an L2 loss; the three decoders (joint / cross-self / cross); the
@@ -80,10 +97,12 @@ Departures from MAE's code and other simplifications, with reasons:
     decoder 128 wide x 3 x 4 heads;
     sampling uses --sample_steps 50 of the T = 1000 steps (the paper presumably uses all T).
   - The probe is MAE's linear probe (BatchNorm without affine + linear) on mean-pooled, frozen
-    encoder features, trained with AdamW by common.py instead of LARS.
+    encoder features, trained with Adam (cosine lr, a seeded head: C.linear_probe) instead of LARS,
+    fitted on --probe_images training images (500 by default, to keep the default run short).
   - PSNR is not the paper's inpainting metric (it reports perceptual ones). A perfect sampler draws
     from p(x0^m | x0^v), whose expected squared error is twice the conditional mean's, so on
-    PSNR the 1-step MAE-like mean can win; detail_masked shows what sampling adds instead.
+    PSNR the 1-step MAE-like mean wins, and neither PSNR nor detail tells a good sampler from one
+    that adds noise; spread_over_error and mse_mean_k (posterior_figures) can, and are the check.
   - Parameter names follow facebookresearch/mae (cls_token, pos_embed, patch_embed.proj,
     blocks.N.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}, norm, decoder_*), so an MAE
     checkpoint initializes the encoder via --weights (every encoder key matched, the decoder kept
@@ -116,7 +135,7 @@ Exercises (set one by blanking the function's body; the command grades it):
 5. Explore: fewer sampling steps. Predict what 5 steps instead of 50 do to the inpainting's PSNR
    and to its detail (the hidden region's contrast as a fraction of the real image's), then train
    briefly and run the bench on that checkpoint, which samples with 1, 5, 10, 25, 50, 100 and 250
-   steps: `python diffmae.py --epochs 4 --out runs/d4` then
+   steps: `python diffmae.py --epochs 4 --batch_size 64 --warmup_epochs 1 --out runs/d4` then
    `python diffmae.py --bench --out runs/d4`. You should see the time grow with the steps (5
    steps about 3x the 1-step guess, 50 about 40x); with 5 steps the PSNR stays at the 1-step
    guess's but the hidden region is the blurriest (each long jump lands near the mean of many
@@ -136,9 +155,7 @@ import torch.nn.functional as F
 import common as C
 
 
-# ---------------------------------------------------------------------------------------------
-# Ordinary building blocks (as MAE / timm)
-# ---------------------------------------------------------------------------------------------
+# ============================================================ the ordinary building blocks
 
 def patchify(imgs, p):
     """(N, 3, H, W) -> (N, L, p*p*3); inside a patch the channel varies fastest, then column, row."""
@@ -158,20 +175,22 @@ def unpatchify(x, p):
     return x.reshape(N, 3, h * p, w * p)  # (N, 3, H, W)
 
 
-def sincos_pos_embed(dim, grid_size, cls_token=True):
-    """Fixed 2-D sin-cos table (1 + h*w, dim) as MAE: the first half of the channels encodes the
-    column index, the second half the row; each half is [sin(pos w_k)] ++ [cos(pos w_k)],
-    w_k = 1 / 10000^(k / (dim/4)). Row 0 (the cls token) is zeros."""
-    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))  # (dim/4,)
-    rows, cols = torch.meshgrid(torch.arange(grid_size), torch.arange(grid_size), indexing="ij")
+def get_2d_sincos_pos_embed(embed_dim, grid_size, cls_token=False):
+    """Fixed 2-D sin-cos table (grid_h * grid_w [+ 1 zero row first when cls_token], embed_dim) as
+    MAE's function of this name; grid_size is an int or (grid_h, grid_w). The first half of the
+    channels encodes the column index, the second half the row; each half is
+    [sin(pos w_k)] ++ [cos(pos w_k)], w_k = 1 / 10000^(k / (embed_dim/4)). float32."""
+    gh, gw = (grid_size, grid_size) if isinstance(grid_size, int) else grid_size
+    omega = 1.0 / 10000 ** (torch.arange(embed_dim // 4, dtype=torch.float64) / (embed_dim / 4))  # (D/4,)
+    rows, cols = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")  # each (gh, gw)
 
-    def embed_1d(pos):  # (h*w,) -> (h*w, dim/2)
-        out = pos.reshape(-1, 1).double() * omega.reshape(1, -1)  # (h*w, dim/4)
+    def embed_1d(pos):  # (gh*gw,) -> (gh*gw, D/2)
+        out = pos.reshape(-1, 1).double() * omega.reshape(1, -1)  # (gh*gw, D/4)
         return torch.cat([out.sin(), out.cos()], dim=1)
 
-    table = torch.cat([embed_1d(cols), embed_1d(rows)], dim=1)  # (h*w, dim)
+    table = torch.cat([embed_1d(cols), embed_1d(rows)], dim=1)  # (gh*gw, D)
     if cls_token:
-        table = torch.cat([torch.zeros(1, dim, dtype=table.dtype), table], dim=0)  # (1+h*w, dim)
+        table = torch.cat([torch.zeros(1, embed_dim, dtype=table.dtype), table], dim=0)  # (1+gh*gw, D)
     return table.float()
 
 
@@ -293,9 +312,7 @@ def timestep_embedding(t, dim, max_period=10000):
     return torch.cat([args.cos(), args.sin()], dim=1)  # (N, dim)
 
 
-# ---------------------------------------------------------------------------------------------
-# The paper's idea: diffusion on the masked patches only, decoded from the encoder's features
-# ---------------------------------------------------------------------------------------------
+# ============================================================ the paper's idea: diffusion on the masked patches only
 # Reading map (the `# step N` comments below):
 #   step 1  split the patches: visible x0^v (kept) and masked x0^m (hidden), MAE's random masking.
 #   step 2  the noise schedule: beta_t = linspace(1e-4, 0.02, T)_t ** rho, abar_t = prod_{s<=t} (1 - beta_s).
@@ -377,13 +394,14 @@ class DiffMAE(nn.Module):
         # encoder: MAE's ViT, run on the clean visible patches only
         self.patch_embed = PatchEmbed(patch_size, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(sincos_pos_embed(embed_dim, self.grid)[None], requires_grad=False)
+        self.pos_embed = nn.Parameter(get_2d_sincos_pos_embed(embed_dim, self.grid, cls_token=True)[None],
+                                      requires_grad=False)  # (1, 1+L, D)
         self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio) for _ in range(depth)])
         self.norm = LayerNorm(embed_dim)
 
         # decoder: noisy masked patches (+ t) in, clean pixels (x0) of the masked patches out
-        self.decoder_pos_embed = nn.Parameter(sincos_pos_embed(decoder_embed_dim, self.grid)[None],
-                                              requires_grad=False)  # (1, 1+L, Dd)
+        table = get_2d_sincos_pos_embed(decoder_embed_dim, self.grid, cls_token=True)  # (1+L, Dd)
+        self.decoder_pos_embed = nn.Parameter(table[None], requires_grad=False)  # (1, 1+L, Dd)
         if decoder == "mae":
             self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
         else:
@@ -551,6 +569,8 @@ class DiffMAE(nn.Module):
         return paste(x_m), preds, ts
 
 
+# ============================================================ the full model and its presets
+
 PRESETS = {
     # ours, CPU-sized; the encoder is mae.py's tiny (192 x 4 x 3 heads, 32 px, patch 4), so that
     # mae.py's checkpoint initializes it (tests/test_diffmae.py::test_lineage_*)
@@ -573,9 +593,7 @@ def create_model(name="tiny", **overrides):
     return DiffMAE(**{**PRESETS[name], **overrides})
 
 
-# ---------------------------------------------------------------------------------------------
-# Loss
-# ---------------------------------------------------------------------------------------------
+# ============================================================ the loss
 
 def forward_loss(target, pred, mask):
     """L = E ||x0^m - D(x_t^m, t, E(x0^v))||^2: squared error averaged over the pixels of a patch,
@@ -584,9 +602,7 @@ def forward_loss(target, pred, mask):
     return (per_patch * mask).sum() / mask.sum()  # step 6
 
 
-# ---------------------------------------------------------------------------------------------
-# Data glue: masks for training, held-out evaluation and inpainting
-# ---------------------------------------------------------------------------------------------
+# ============================================================ data glue: masks and inpainting figures
 
 def make_masks(kind, N, model, args, generator=None, device="cpu"):
     """(ids_shuffle (N, L), len_keep) for 'random' masks at --mask_ratio or a 'center' square."""
@@ -604,9 +620,13 @@ def pixel_mask(mask, p):
 def psnr_and_detail(pred, imgs, mask, p):
     """PSNR (dB) of the hidden pixels in [0, 1], averaged over images, and their detail: the mean
     absolute difference between neighbouring pixels inside the hidden region, as a fraction of the
-    original image's (1.0 = as much high-frequency content as the real image, < 1 = blurrier)."""
-    a, b = C.denormalize(pred), C.denormalize(imgs)  # (N, 3, H, W) in [0, 1]
-    m = pixel_mask(mask, p).cpu()  # (N, 1, H, W)
+    original image's (1.0 = as much high-frequency content as the real image, < 1 = blurrier).
+    pred, imgs normalized (N, 3, H, W); mask (N, L) 1 = hidden."""
+    return pixel_psnr_and_detail(C.denormalize(pred), C.denormalize(imgs), pixel_mask(mask, p).cpu())
+
+
+def pixel_psnr_and_detail(a, b, m):
+    """psnr_and_detail of images a (the prediction), b (the truth) in [0, 1], pixel mask m (N, 1, H, W)."""
     mse = (((a - b) ** 2) * m).sum((1, 2, 3)) / (3 * m.sum((1, 2, 3)))  # (N,)
     psnr = (10 * torch.log10(1 / mse.clamp(min=1e-10))).mean().item()
 
@@ -618,38 +638,79 @@ def psnr_and_detail(pred, imgs, mask, p):
     return psnr, grad_energy(a) / max(grad_energy(b), 1e-12)
 
 
-# ---------------------------------------------------------------------------------------------
-# Train, evaluate, bench, smoke
-# ---------------------------------------------------------------------------------------------
+def masked_sq(a, b, m):
+    """Summed squared difference of images a, b (N, 3, H, W) in [0, 1] over the hidden pixels m
+    (N, 1, H, W), per channel value: the numerator of a mean over every hidden pixel of the set."""
+    return (((a - b) ** 2) * m).sum().item()
+
+
+def posterior_figures(x0, samples, guess, m):
+    """Does the sampler draw from p(x0^m | x0^v)? x0 the truth (N, 3, H, W), samples (K, N, 3, H, W)
+    K independent samples of the same masked images, guess the 1-step (MAE-like) prediction; all in
+    [0, 1], the figures over the hidden pixels m (N, 1, H, W) of the whole set, per pixel value.
+      spread_over_error = E|x_j - x_l|^2 / E|x_j - x0|^2 over pairs j != l: when x_j, x_l, x0 are three
+        independent draws of the same posterior (the truth is one draw of it), both sides are twice its
+        variance, so 1.0; a sampler too sure of itself (samples alike) is below 1, one that adds
+        noise is above it (1.0 is necessary, not sufficient: read it with the two figures below).
+      mse_mean_k[k] = E|mean of k samples - x0|^2: for the true posterior, (1 + 1/k) Var, falling
+        with k toward the posterior mean's own error Var = the 1-step guess's when that is the mean.
+      dist_mean_k[k] = E|mean of k samples - guess|^2: toward 0 when the 1-step guess is the posterior mean."""
+    K, count = len(samples), 3 * m.sum().item()  # count: hidden pixel values of the set
+    pairs = [(j, l) for j in range(K) for l in range(j + 1, K)]
+    error = sum(masked_sq(x, x0, m) for x in samples) / K / count
+    spread = sum(masked_sq(samples[j], samples[l], m) for j, l in pairs) / len(pairs) / count
+    ks = [k for k in (1, 2, 4, 8, 16) if k <= K]
+    return dict(spread_over_error=spread / error, mse_sample=error, mse_1step=masked_sq(guess, x0, m) / count,
+                mse_mean_k={k: masked_sq(samples[:k].mean(0), x0, m) / count for k in ks},
+                dist_mean_k={k: masked_sq(samples[:k].mean(0), guess, m) / count for k in ks})
+
+
+@torch.no_grad()
+def draw_samples(model, imgs, ids, keep, steps, k, run, seed=0):
+    """k samples of each masked image (the same mask, independent noise: the k copies run as one
+    batch) and the 1-step guess. Returns samples (k, N, 3, H, W), guess (N, 3, H, W) in [0, 1] and
+    the x0 predictions along the first sample's chain (one (N, 3, H, W) per step) with their t."""
+    model.eval()
+    N, dev = len(imgs), run.device
+    gd = torch.Generator(device=dev).manual_seed(seed)
+    x = imgs.to(dev).repeat(k, 1, 1, 1)  # (k*N, 3, H, W): copy j of image i is row j*N + i
+    out, preds, ts = model.sample(x, ids.to(dev).repeat(k, 1), keep, steps, gd)
+    guess = model.sample(imgs.to(dev), ids.to(dev), keep, 1, gd)[0]
+    samples = C.denormalize(out.float().cpu()).reshape(k, N, *imgs.shape[1:])  # (k, N, 3, H, W)
+    return samples, C.denormalize(guess.float().cpu()), [C.denormalize(p[:N].float().cpu()) for p in preds], ts
+
+
+# ============================================================ train, evaluate, bench, smoke
 
 def build_model(args):
     return create_model(args.model, img_size=args.input_size, decoder=args.decoder, schedule=args.schedule,
                         T=args.T, rho=args.rho, pred=args.pred, t_embed=args.t_embed)
 
 
-def load_weights(model, path):
+def load_weights(model, path, run=None):
     """A checkpoint of this script (strict), or an MAE checkpoint (facebookresearch/mae's
     mae_pretrain_vit_*.pth, *_full.pth, or mae.py's): then only the encoder is loaded, strictly,
     and the decoder keeps its initialization."""
     state = C.unwrap_state(C.load_checkpoint(path))
     decoder_keys = [k for k in model.state_dict() if k.startswith(("decoder", "mask_token"))]
     if all(k in state for k in decoder_keys):
-        C.load_state(model, state, path)
-        print(f"loaded {path}", flush=True)
+        C.load_state(model, state, path, run=run)
+        C.log(run, f"loaded {path}")
     else:
         encoder = {k: v for k, v in state.items() if not k.startswith(("decoder", "mask_token"))}
-        C.load_state(model, encoder, path, allow_missing=("decoder", "mask_token"))  # every encoder key
-        print(f"loaded the encoder of {path} ({len(encoder)} tensors: patch_embed, cls_token, pos_embed, "
-              f"{len(model.blocks)} blocks, norm); the {model.decoder} decoder keeps its initialization (the file "
-              f"holds none of its shape)", flush=True)
+        C.load_state(model, encoder, path, allow_missing=("decoder", "mask_token"), run=run)  # every encoder key
+        C.log(run, f"loaded the encoder of {path} ({len(encoder)} tensors: patch_embed, cls_token, pos_embed, "
+                   f"{len(model.blocks)} blocks, norm); the {model.decoder} decoder keeps its initialization (the "
+                   f"file holds none of its shape)")
 
 
 @torch.no_grad()
 def heldout_loss(model, loader, args, run):
-    """The training loss on the held-out images, with fixed masks, timesteps and noise."""
+    """The training loss on the held-out images, with fixed masks, timesteps and noise; under
+    torchrun each rank scores its shard of the sharded loader and the sums are all-reduced."""
     model.eval()
-    g = torch.Generator().manual_seed(1234)
-    total = n = 0
+    g = torch.Generator().manual_seed(1234 + run.rank)
+    total = n = 0.0
     for imgs, _ in loader:
         N, L, P = len(imgs), model.grid ** 2, model.patch_size ** 2 * 3
         ids, keep = random_masking(N, L, args.mask_ratio, "cpu", g)
@@ -659,7 +720,11 @@ def heldout_loss(model, loader, args, run):
         with C.autocast(run):
             loss, _, _ = model(dev(imgs), ids_shuffle=dev(ids), len_keep=keep, t=dev(t), noise=dev(noise))
         total, n = total + loss.item() * N, n + N
-    return total / n
+    if run.distributed:
+        sums = torch.tensor([total, n], dtype=torch.float64, device=run.device)
+        torch.distributed.all_reduce(sums)
+        total, n = sums.tolist()
+    return total / max(n, 1)
 
 
 @torch.no_grad()
@@ -680,94 +745,122 @@ def encoder_features(model, imgs):
 
 
 def probe(model, train_ds, val_ds, args, run):
+    """MAE's linear probe on the frozen encoder (C.linear_probe, seeded). Every rank extracts its
+    share of the features and all get the whole; the probe is fitted on rank 0 (None elsewhere)."""
     model.eval()
     f = lambda x: encoder_features(model, x)
-    Xtr, ytr = C.extract_features(f, C.make_loader(train_ds, args, run, train=False, whole=True), run)
-    Xva, yva = C.extract_features(f, C.make_loader(val_ds, args, run, train=False, whole=True), run)
-    return C.linear_probe(Xtr, ytr, Xva, yva)
+    whole = lambda ds: C.make_loader(ds, args, run, train=False, whole=True)
+    Xtr, ytr = C.extract_features(f, whole(C.eval_subset(train_ds, args.probe_images)), run, shared=True)
+    Xva, yva = C.extract_features(f, whole(val_ds), run, shared=True)
+    return C.linear_probe(Xtr, ytr, Xva, yva) if run.is_main else None
+
+
+def representation_figures(model, train_ds, val_ds, classes, args, run):
+    """The held-out loss and (with class labels) the probe: what the model is before and after training."""
+    figures = dict(val_loss=heldout_loss(model, C.make_loader(val_ds, args, run, train=False), args, run))
+    if len(classes) > 1:
+        figures["probe_acc"] = probe(model, train_ds, val_ds, args, run)
+    return figures
+
+
+def heldout_masks(model, imgs, args, kind="random", seed=0):
+    """Fixed masks for held-out images: (ids_shuffle, len_keep, pixel mask (N, 1, H, W))."""
+    ids, keep = make_masks(kind, len(imgs), model, args, torch.Generator().manual_seed(seed))
+    return ids, keep, pixel_mask(split_ids(ids, keep)[3], model.patch_size)
+
+
+def evaluate(model, train_ds, val_ds, classes, args, run):
+    """Every rank calls it (torchrun): the held-out loss and the probe's features are shared; the
+    sampler check runs on rank 0: --samples samples of each of --eval_images held-out images with
+    random masks, against the truth and the 1-step guess (posterior_figures)."""
+    figures = representation_figures(model, train_ds, val_ds, classes, args, run)
+    if not run.is_main:
+        return figures
+    imgs = torch.stack([val_ds[i][0] for i in range(min(args.eval_images, len(val_ds)))])
+    ids, keep, m = heldout_masks(model, imgs, args)
+    samples, guess, _, _ = draw_samples(model, imgs, ids, keep, args.sample_steps, args.samples, run)
+    post = posterior_figures(C.denormalize(imgs), samples, guess, m)
+    psnr, detail = pixel_psnr_and_detail(samples[0], C.denormalize(imgs), m)
+    psnr1, detail1 = pixel_psnr_and_detail(guess, C.denormalize(imgs), m)
+    figures.update(post, psnr_masked=psnr, psnr_masked_1step=psnr1, detail_masked=detail, detail_masked_1step=detail1)
+    C.log(run, f"\nthe sampler against p(x0^m | x0^v): {len(imgs)} held-out images, random {args.mask_ratio:.0%} "
+               f"masks, {args.samples} samples each ({len(sample_timesteps(model.T, args.sample_steps))} steps), "
+               f"squared error per hidden pixel value in [0, 1]\n"
+               f"  spread / error  E|x1 - x2|^2 / E|x1 - x0|^2 = {post['spread_over_error']:.3f}   "
+               f"(1 for a sampler that draws from the posterior)\n"
+               f"  {'k':>3} {'MSE(mean of k, truth)':>22} {'(1 + 1/k) x 1-step':>19} {'MSE(mean of k, 1-step)':>23}")
+    for k in post["mse_mean_k"]:
+        C.log(run, f"  {k:>3} {post['mse_mean_k'][k]:>22.5f} {(1 + 1 / k) * post['mse_1step']:>19.5f} "
+                   f"{post['dist_mean_k'][k]:>23.5f}")
+    C.log(run, f"  1-step guess (MAE-like) MSE {post['mse_1step']:.5f}; the middle column is a perfect sampler's "
+               f"left column when the 1-step guess is the posterior mean\n")
+    return figures
 
 
 @torch.no_grad()
 def save_picture(model, val_ds, args, run, path, n=3):
     """Rows: n held-out images with a random mask, then n with a centre mask. Columns: the masked
-    input, the x0 prediction at a few sampling steps (the first is the MAE-like guess from pure
-    noise), the final inpainting and the original."""
-    model.eval()
+    input, the 1-step guess (x0 predicted from pure noise: MAE-like), the first sample's x0
+    prediction at two later steps (the paper's Figure 1), --samples samples, their mean, the original."""
     imgs = torch.stack([val_ds[i][0] for i in range(min(2 * n, len(val_ds)))])
-    rows, texts, p = [], [], model.patch_size
+    rows, texts = [], []
     for kind, part in (("random", imgs[:n]), ("center", imgs[n:2 * n])):
         if len(part) == 0:
             continue
-        g = torch.Generator().manual_seed(0)
-        ids, keep = make_masks(kind, len(part), model, args, g)
-        gd = torch.Generator(device=run.device).manual_seed(0)
-        out, preds, ts = model.sample(part.to(run.device), ids.to(run.device), keep, args.sample_steps, gd)
-        m = pixel_mask(split_ids(ids, keep)[3], p)  # (N, 1, H, W)
-        masked = C.denormalize(part) * (1 - m) + 0.5 * m  # hidden patches grey
-        want = [1000, 600, 300, 100] if model.T >= 1000 else [model.T, model.T // 2]
-        show = sorted({min(range(len(ts)), key=lambda k: abs(ts[k] - w)) for w in want})
-        cells = [masked] + [C.denormalize(preds[k]) for k in show] + [C.denormalize(out), C.denormalize(part)]
-        words = ([f"{kind} mask"] + [f"x0 at t={ts[k]}" + ("\n(MAE-like)" if k == 0 else "") for k in show]
-                 + [f"sampled\n{len(ts)} steps", "original"])
+        ids, keep, m = heldout_masks(model, part, args, kind)
+        samples, guess, preds, ts = draw_samples(model, part, ids, keep, args.sample_steps, args.samples, run)
+        truth = C.denormalize(part)
+        show = sorted({min(range(len(ts)), key=lambda k: abs(ts[k] - w * model.T)) for w in (0.5, 0.1)} - {0})
+        cells = ([truth * (1 - m) + 0.5 * m, guess] + [preds[k] for k in show] + list(samples)
+                 + [samples.mean(0), truth])  # hidden patches grey in the first
+        words = ([f"{kind} mask", "1-step guess\n(MAE-like)"] + [f"sample 1: x0\nat t={ts[k]}" for k in show]
+                 + [f"sample {j + 1}\n{len(ts)} steps" for j in range(len(samples))]
+                 + [f"mean of {len(samples)}", "original"])
         for i in range(len(part)):
             rows.append(torch.stack([c[i] for c in cells]))
             texts.append(words if i == 0 else [])
     return C.save_grid(path, rows, texts)
 
 
-def evaluate(model, train_ds, val_ds, classes, args, run):
-    figures = dict(val_loss=heldout_loss(model, C.make_loader(val_ds, args, run, train=False, whole=True),
-                                         args, run))
-    imgs = torch.stack([val_ds[i][0] for i in range(min(args.eval_images, len(val_ds)))])
-    psnr1 = detail1 = psnr = detail = 0.0
-    for k, chunk in enumerate(imgs.split(64)):  # the same masks and starting noise for both
-        w = len(chunk) / len(imgs)
-        a, b, _ = inpaint_figures(model, chunk, args, run, 1, seed=k)
-        c, d, _ = inpaint_figures(model, chunk, args, run, args.sample_steps, seed=k)
-        psnr1, detail1, psnr, detail = psnr1 + w * a, detail1 + w * b, psnr + w * c, detail + w * d
-    figures.update(psnr_masked=psnr, psnr_masked_1step=psnr1, detail_masked=detail, detail_masked_1step=detail1)
-    if len(classes) > 1:
-        figures["probe_acc"] = probe(model, train_ds, val_ds, args, run)
-    return figures
+def make_loss_fn(args):
+    def loss_fn(model, batch):
+        loss, _, _ = model(batch[0], args.mask_ratio)  # steps 1-6: a fresh mask, t and noise per image
+        return loss
+    return loss_fn
 
 
 def train(args, run):
     model = build_model(args)
     if args.weights:
-        load_weights(model, args.weights)
+        load_weights(model, args.weights, run)
     C.check_resume(model, args)  # a --resume of another model ends here, before the evaluation below
     train_ds, val_ds, classes = C.image_data(args)
     C.check_enough(train_ds, val_ds, args)
     model.to(run.device)
-    init = {}
-    if run.is_main:  # the same model before training, for comparison
-        init["val_loss_init"] = heldout_loss(model, C.make_loader(val_ds, args, run, train=False, whole=True), args, run)
-        if len(classes) > 1:
-            init["probe_acc_init"] = probe(model, train_ds, val_ds, args, run)
+    init = {f"{k}_init": v for k, v in representation_figures(model, train_ds, val_ds, classes, args, run).items()}
+    if run.is_main:  # the probe is fitted on rank 0 only
         C.log(run, "at initialization: " + "  ".join(f"{k} {v:.4f}" for k, v in init.items()))
-
-    def loss_fn(net, batch):
-        loss, _, _ = net(batch[0], args.mask_ratio)
-        return loss
-
-    model, history = C.fit(model, loss_fn, C.make_loader(train_ds, args, run, train=True), args, run,
+    model, history = C.fit(model, make_loss_fn(args), C.make_loader(train_ds, args, run, train=True), args, run,
                            groups=C.param_groups(model, args.weight_decay), betas=(0.9, 0.95))
-    if not run.is_main:
-        return model
     figures = evaluate(model, train_ds, val_ds, classes, args, run)
-    figures.update(init)
-    C.log(run, f"picture: {save_picture(model, val_ds, args, run, Path(args.out) / 'diffmae_inpaint.png')}")
-    C.write_metrics(args, run, history, decoder=args.decoder, sample_steps=args.sample_steps, **figures)
+    if run.is_main:
+        figures.update(init)
+        C.log(run, f"picture: {save_picture(model, val_ds, args, run, Path(args.out) / 'diffmae_inpaint.png')}")
+        C.write_metrics(args, run, history, decoder=args.decoder, sample_steps=args.sample_steps, **figures)
     return model
 
 
 def bench(args, run):
-    """Sampling cost and quality (PSNR of the hidden pixels) per number of sampling steps, on a
-    trained model; then the training-step cost of each decoder against MAE's on the same encoder."""
+    """The paper's cost side in two tables: (1) sampling: time and quality (PSNR and detail of the
+    hidden pixels) per number of sampling steps, on a trained model (the paper's claim that the
+    first step is MAE's guess and later steps add detail, at its price in decoder passes); (2) one
+    training step of each decoder against MAE's own decoder on the same encoder, wall-clock (C.time_ab,
+    interleaved) and FLOPs. --model base/large/huge measures the paper's sizes; the default tiny is
+    the CPU fallback (a ViT-B step at 224 px takes many seconds on a CPU)."""
     model = build_model(args)
     ckpt = Path(args.out) / "checkpoint.pt"
     if args.weights or ckpt.is_file():
-        load_weights(model, args.weights or ckpt)
+        load_weights(model, args.weights or ckpt, run)
     elif args.model == "tiny":
         print(f"no --weights and no {ckpt}: training the default model first", flush=True)
         model = train(args, run)
@@ -787,10 +880,12 @@ def bench(args, run):
         psnr, detail, _ = fig["r"]
         rows[steps] = (sec, psnr)
         print(f"{steps:>6} {sec:>9.3f} {sec / rows[1][0]:>9.1f} {psnr:>8.2f} {detail:>7.2f}")
-    print(f"\ntraining step (forward + backward), batch {args.batch_size}, {args.input_size}px, {run.device}")
+    print(f"\ntraining step (forward + backward), --model {args.model}, batch {args.batch_size}, {args.input_size}px, "
+          f"{run.device}" + (" (tiny: the CPU fallback for the paper's --model base/large/huge)"
+                             if args.model == "tiny" else ""))
     print(f"{'decoder':>11} {'seconds':>9} {'GFLOPs':>8} {'x MAE time':>11} {'x MAE FLOPs':>12}")
     x = torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=run.device)
-    steps_of, flops, times = {}, {}, {}
+    steps_of, flops = {}, {}
     for dec in ("mae", "joint", "cross_self", "cross"):
         m = create_model(args.model, img_size=args.input_size, decoder=dec, T=args.T).to(run.device)
 
@@ -798,11 +893,9 @@ def bench(args, run):
             with C.autocast(run):
                 loss, _, _ = m(x, args.mask_ratio)
             loss.backward()
-        steps_of[dec], flops[dec], times[dec] = step, C.count_flops(step), []
-    for _ in range(5):  # interleaved rounds, so that a shared machine's drift hits all alike
-        for dec, step in steps_of.items():
-            times[dec].append(C.benchmark(step, run, warmup=1, reps=1))
-    cost = {dec: (sorted(times[dec])[2], flops[dec]) for dec in steps_of}
+        steps_of[dec], flops[dec] = step, C.count_flops(step)
+    times = C.time_ab(steps_of, run, rounds=5, warmup=1)  # interleaved: a shared machine's drift hits all alike
+    cost = {dec: (times[dec], flops[dec]) for dec in steps_of}
     for dec, (sec, fl) in cost.items():
         print(f"{dec:>11} {sec:>9.4f} {fl / 1e9:>8.2f} {sec / cost['mae'][0]:>11.2f} "
               f"{fl / cost['mae'][1]:>12.2f}")
@@ -835,11 +928,13 @@ def smoke(args, run):
     C.smoke(model, loss_fn, (imgs, ids, t, noise), run, steps=30, lr=1e-3)
 
 
-# ---------------------------------------------------------------------------------------------
+# ============================================================ command line
 
 def main(argv=None):
-    p = C.make_parser("diffmae", __doc__, presets=PRESETS, epochs=12, batch_size=64, lr=1e-3,
-                      weight_decay=0.05, warmup_epochs=1, input_size=None)
+    # the default recipe fits 2 minutes on 2 CPU cores: 500 steps of 16 images (more, smaller steps
+    # made better samplers than fewer, larger ones at the same compute: see the docstring)
+    p = C.make_parser("diffmae", __doc__, presets=PRESETS, epochs=4, batch_size=16, lr=1e-3,
+                      weight_decay=0.05, warmup_epochs=0.5, input_size=None)
     p.add_argument("--mask_ratio", type=float, default=0.75, help="fraction of patches hidden (random masks)")
     p.add_argument("--decoder", default="cross_self", choices=["cross_self", "cross", "joint", "mae"],
                    help="the paper's three decoders; 'mae' is MAE's decoder on the same encoder (baseline)")
@@ -850,7 +945,10 @@ def main(argv=None):
     p.add_argument("--t_embed", default="add", choices=["add", "none"], help="how t enters the decoder")
     p.add_argument("--sample_steps", type=int, default=50, help="denoising steps when inpainting (<= T)")
     p.add_argument("--center_size", type=float, default=0.5, help="side of the centre mask / image side")
-    p.add_argument("--eval_images", type=int, default=128, help="held-out images inpainted for the PSNR")
+    p.add_argument("--eval_images", type=int, default=32, help="held-out images inpainted for the sampler check")
+    p.add_argument("--samples", type=int, default=4, help="samples drawn of each masked image (>= 2)")
+    p.add_argument("--probe_images", type=int, default=500,
+                   help="training images the linear probe is fitted on (0: all; its held-out set is all of it)")
     args = p.parse_args(argv)  # --model: one of PRESETS (argparse's choices)
     patch = PRESETS[args.model]["patch_size"]
     if args.input_size is None:
@@ -863,16 +961,18 @@ def main(argv=None):
             C.die(f"--mask_ratio {args.mask_ratio}: leaves no hidden or no visible patch of {L}")
     if not (args.rho > 0 and math.isfinite(args.rho)):
         C.die(f"--rho {args.rho}: must be a positive number")
+    if args.samples < 2:
+        C.die(f"--samples {args.samples}: must be >= 2 (two samples of one image measure the spread)")
+    if args.probe_images < 0:
+        C.die(f"--probe_images {args.probe_images}: must be >= 0")
     if not 0 < args.center_size < 1:
         C.die(f"--center_size {args.center_size}: must be in (0, 1) (a fraction of the image side)")
     run = C.init_run(args, patch_size=patch)  # --T, --sample_steps, --eval_images > 0: check_args
     if args.smoke:
-        smoke(args, run)
-    elif args.bench:
-        bench(args, run)
-    else:
-        train(args, run)
-
+        return smoke(args, run)
+    if args.bench:
+        return bench(args, run)
+    return train(args, run)
 
 if __name__ == "__main__":
     main()

@@ -14,18 +14,23 @@ After pre-training the decoder is thrown away and the encoder is fine-tuned (--f
 
 What this file reproduces in miniature: MAE pre-training of a tiny ViT on the synthetic shapes
 (32x32 images, 4x4 patches), the held-out reconstruction loss, the linear probe and kNN accuracy of
-the frozen encoder against the same encoder at initialization, the reconstruction picture,
-fine-tuning vs. training from scratch, and the encoder-sparsity FLOP and time ratio (--bench).
+the frozen encoder against the same encoder at initialization, the reconstruction picture, the
+paper's comparison (fine-tuning from the MAE encoder vs. training the same classifier from scratch,
+same recipe and epochs), and the encoder-sparsity FLOP and time ratio (--bench).
 
     python mae.py                                   # pre-train tiny, evaluate, save the picture
-    python mae.py --finetune --weights runs/mae/checkpoint.pt --out runs/mae_ft   # and compare:
-    python mae.py --finetune --out runs/mae_scratch                                # from scratch
-    python mae.py --smoke ; python mae.py --bench --model base
+    # the paper's comparison, from that checkpoint: fine-tune from MAE, then the same from scratch
+    python mae.py --finetune --weights runs/mae/checkpoint.pt --out runs/mae_ft &&
+    python mae.py --finetune --out runs/mae_scratch                     # (one command: && ends the line)
+    python mae.py --smoke ; python mae.py --bench   # --bench: ViT-B unless --model large / huge
 
 Official weights: `--weights mae_pretrain_vit_base.pth` (encoder only: the decoder stays at its
 initialization), `mae_pretrain_vit_base_full.pth` and `mae_visualize_vit_base.pth` (everything) load
 with every key matched into `--model base` (and large / huge); `--epochs 0` just evaluates and
-draws them. With `--finetune` the encoder of any of these (or `mae_finetuned_vit_*.pth`) is used.
+draws them. The `*_full.pth` files were trained with norm-pix targets: evaluate them with
+`--norm_pix_loss` (without it the held-out loss compares their normalized output with raw pixels);
+the `visualize` files predict raw pixels (no flag). With `--finetune` the encoder of any of these
+(or `mae_finetuned_vit_*.pth`) is used.
 
 Departures from the official code, and why:
 - Defaults are sized for a CPU minute: the `tiny` preset (D=192, 4 blocks, decoder 96-d x 2),
@@ -36,11 +41,19 @@ Departures from the official code, and why:
 - Synthetic images are augmented with flips only (RandomResizedCrop could cut the shape out);
   folders of user images get the official RandomResizedCrop(scale 0.2-1) + flip.
 - Linear probe: MAE trains BatchNorm + linear with LARS for 90 epochs on the cls token; here the
-  mean of the encoder's patch tokens is standardized and probed with AdamW (common.linear_probe),
-  which is faster and steadier on small data.
+  mean of the encoder's patch tokens is standardized and probed with Adam, cosine lr, a seeded head
+  (common.linear_probe), which is faster and steadier on small data.
 - --finetune keeps the official recipe's shape (global pool + fc_norm + head, layer-wise lr decay,
   drop path, label smoothing, AdamW (0.9, 0.999)) but leaves out mixup, cutmix, random erasing and
-  RandAugment, which are ImageNet-scale regularizers.
+  RandAugment, which are ImageNet-scale regularizers; its default is 3 epochs (FINETUNE_EPOCHS, so
+  that the comparison above runs in minutes on a CPU), --epochs sets another.
+- The classifier (models_vit.py) is initialized as the official one (timm 0.3.2's ViT: Linear and
+  cls token trunc_normal(0.02); the head re-drawn with std 2e-5 after a checkpoint is loaded, as
+  main_finetune.py does) except pos_embed: timm draws it from trunc_normal(0.02), here it starts
+  from MAE's 2-D sin-cos table. Fine-tuning replaces it with the checkpoint's (the same table, as
+  MAE keeps it frozen), so only the from-scratch run differs: its positions start from the same
+  table as the MAE run's, a fairer and stronger baseline on 2000 images (the comparison then
+  measures what the pre-trained weights add, not what a random position table costs).
 - Attention runs through F.scaled_dot_product_attention (same maths as timm's explicit softmax).
 
 Exercises (set one by blanking the function's body; the command grades it):
@@ -82,7 +95,7 @@ import torch.nn.functional as F
 
 import common as C
 
-# ============================================================ the ordinary ViT building blocks
+# ============================================================ the ordinary building blocks
 
 
 class PatchEmbed(nn.Module):
@@ -149,10 +162,11 @@ class Block(nn.Module):
         return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
 
 
-def sincos_pos_embed(dim, grid, cls_token):
-    """Fixed 2-D sin-cos positions (mae util/pos_embed.py), shape (1 + L, dim) with a zero cls row.
+def get_2d_sincos_pos_embed(embed_dim, grid_size, cls_token=False):
+    """Fixed 2-D sin-cos positions (mae util/pos_embed.py): float32 (grid_h * grid_w [+ 1 zero row
+    first when cls_token], embed_dim); grid_size an int or (grid_h, grid_w).
 
-    Token (row i, column j) gets [PE_{dim/2}(j), PE_{dim/2}(i)]: the first half of the channels
+    Token (row i, column j) gets [PE_{D/2}(j), PE_{D/2}(i)]: the first half of the channels
     encodes the COLUMN, the second half the ROW. Each 1-D half is
         PE_d(pos) = [sin(pos * w_k) for k < d/2] ++ [cos(pos * w_k) for k < d/2],  w_k = 10000^(-k / (d/2)).
     """
@@ -161,11 +175,12 @@ def sincos_pos_embed(dim, grid, cls_token):
         angle = pos[:, None] * omega[None, :]              # (M, d/2)
         return torch.cat([angle.sin(), angle.cos()], dim=1)
 
-    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64),
-                                torch.arange(grid, dtype=torch.float64), indexing="ij")  # (grid, grid) each
-    emb = torch.cat([one_axis(dim // 2, cols.flatten()), one_axis(dim // 2, rows.flatten())], dim=1)  # (L, dim)
+    grid_h, grid_w = (grid_size, grid_size) if isinstance(grid_size, int) else grid_size
+    rows, cols = torch.meshgrid(torch.arange(grid_h, dtype=torch.float64),
+                                torch.arange(grid_w, dtype=torch.float64), indexing="ij")  # (gh, gw) each
+    emb = torch.cat([one_axis(embed_dim // 2, cols.flatten()), one_axis(embed_dim // 2, rows.flatten())], dim=1)  # (L, D)
     if cls_token:
-        emb = torch.cat([torch.zeros(1, dim, dtype=torch.float64), emb], dim=0)           # (1 + L, dim)
+        emb = torch.cat([torch.zeros(1, embed_dim, dtype=torch.float64), emb], dim=0)     # (1 + L, D)
     return emb.float()
 
 
@@ -254,8 +269,8 @@ class MaskedAutoencoderViT(nn.Module):
         """The official init: sin-cos tables; patch conv as a Linear (xavier on its (D, 3p^2) view, bias
         untouched); cls and mask tokens N(0, 0.02); every Linear xavier-uniform with zero bias; LN (1, 0)."""
         grid = self.patch_embed.grid
-        self.pos_embed.data.copy_(sincos_pos_embed(self.pos_embed.shape[-1], grid, True)[None])
-        self.decoder_pos_embed.data.copy_(sincos_pos_embed(self.decoder_pos_embed.shape[-1], grid, True)[None])
+        self.pos_embed.data.copy_(get_2d_sincos_pos_embed(self.pos_embed.shape[-1], grid, cls_token=True)[None])
+        self.decoder_pos_embed.data.copy_(get_2d_sincos_pos_embed(self.decoder_pos_embed.shape[-1], grid, cls_token=True)[None])
         w = self.patch_embed.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.normal_(self.cls_token, std=0.02)
@@ -304,6 +319,9 @@ class MaskedAutoencoderViT(nn.Module):
         return self.forward_loss(imgs, pred, mask), pred, mask
 
 
+# ============================================================ the full model and its presets
+
+
 class VisionTransformer(nn.Module):
     """The fine-tuning model of models_vit.py with global_pool=True: the MAE encoder (positions now
     learnable), mean of the patch tokens, fc_norm, head. Names equal mae_finetuned_vit_*.pth."""
@@ -313,17 +331,19 @@ class VisionTransformer(nn.Module):
         super().__init__()
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(sincos_pos_embed(embed_dim, self.patch_embed.grid, True)[None])
+        self.pos_embed = nn.Parameter(get_2d_sincos_pos_embed(embed_dim, self.patch_embed.grid, cls_token=True)[None])
         dpr = torch.linspace(0, drop_path_rate, depth).tolist()           # stochastic depth grows with depth
         self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, dpr[i]) for i in range(depth)])
         self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head = nn.Linear(embed_dim, num_classes)
-        for m in self.modules():  # timm's init for everything a checkpoint does not replace
+        # timm's init (models_vit subclasses timm 0.3.2's VisionTransformer): Linear trunc_normal(0.02)
+        # with zero bias, cls token trunc_normal(0.02); pos_embed is the sin-cos table (a departure: see
+        # the docstring). Fine-tuning from a checkpoint re-draws the head with std 2e-5 (finetune()).
+        for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
-        nn.init.trunc_normal_(self.head.weight, std=2e-5)                 # main_finetune.py
-        nn.init.normal_(self.cls_token, std=1e-6)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
 
     def forward_features(self, x):
         x = self.patch_embed(x)                                           # (N, L, D)
@@ -362,37 +382,24 @@ def create_classifier(name="tiny", num_classes=1000, **overrides):
     return VisionTransformer(**{**PRESETS[name], "num_classes": num_classes, **overrides})
 
 
-# ============================================================ evaluation helpers
+# ============================================================ the loss
 
 
-@torch.no_grad()
-def encoder_features(model, imgs):
-    """Frozen-encoder features for the probe: all patches visible, mean of the patch tokens (N, D)."""
-    latent, _, _ = model.forward_encoder(imgs, mask_ratio=0.0)
-    return latent[:, 1:, :].mean(dim=1)
+def make_loss_fn(args):
+    """The function handed to C.fit. Pre-training: the model's own forward_loss (step 7) at
+    --mask_ratio; --finetune: cross-entropy with label smoothing on the classifier's logits."""
+    if args.finetune:
+        def loss_fn(net, batch):
+            images, labels = batch                                            # (N, 3, H, W), (N,)
+            return F.cross_entropy(net(images), labels, label_smoothing=args.smoothing)
+    else:
+        def loss_fn(net, batch):
+            loss, _, _ = net(batch[0], args.mask_ratio)
+            return loss
+    return loss_fn
 
 
-@torch.no_grad()
-def heldout_loss(model, loader, args, run):
-    """Reconstruction loss on the held-out images with a fixed masking seed (same masks every call)."""
-    model.eval()
-    g, total, n = torch.Generator().manual_seed(1234), 0.0, 0
-    for imgs, _ in loader:
-        noise = torch.rand(imgs.shape[0], model.patch_embed.num_patches, generator=g).to(run.device)
-        with C.autocast(run):
-            loss, _, _ = model(imgs.to(run.device), args.mask_ratio, noise)
-        total, n = total + loss.item() * len(imgs), n + len(imgs)
-    return total / n
-
-
-def probe(model, train_ds, val_ds, args, run):
-    """Linear-probe and kNN accuracy of the frozen encoder on the labelled held-out split."""
-    model.eval()
-    tr = C.make_loader(train_ds, args, run, train=False, whole=True)
-    va = C.make_loader(val_ds, args, run, train=False, whole=True)
-    f = lambda x: encoder_features(model, x)
-    (Xtr, ytr), (Xva, yva) = C.extract_features(f, tr, run), C.extract_features(f, va, run)
-    return C.linear_probe(Xtr, ytr, Xva, yva), C.knn_accuracy(Xtr, ytr, Xva, yva)
+# ============================================================ data glue: the reconstruction picture
 
 
 def visible_stat_denorm(pred, imgs, mask, p, k=4):
@@ -432,49 +439,92 @@ def save_reconstructions(model, val_ds, args, run, path, n=8):
     return C.save_grid(path, [show(imgs), masked_show, show(recon), show(pasted)], texts)
 
 
-# ============================================================ train, evaluate, fine-tune, bench, smoke
+# ============================================================ train, evaluate, bench, smoke: and fine-tune
 
 
-def load_pretrained(model, path):
+def load_weights(model, path, run=None):
     """Our checkpoint, *_full / visualize files (everything), or the encoder-only mae_pretrain file."""
     state = C.unwrap_state(C.load_checkpoint(path))
     encoder_only = not any(k.startswith("decoder") for k in state)
     C.load_state(model, state, path, allow_missing=("decoder", "mask_token") if encoder_only else ())
-    print(f"loaded {path}" + (" (encoder only: the decoder keeps its initialization)" if encoder_only else ""))
+    C.log(run, f"loaded {path}" + (" (encoder only: the decoder keeps its initialization)" if encoder_only else ""))
 
 
-def pretrain(args, run):
+@torch.no_grad()
+def encoder_features(model, imgs):
+    """Frozen-encoder features for the probe: all patches visible, mean of the patch tokens (N, D)."""
+    latent, _, _ = model.forward_encoder(imgs, mask_ratio=0.0)
+    return latent[:, 1:, :].mean(dim=1)
+
+
+MASK_SEED = 1234  # the held-out loss draws its masks from this seed: the same masks at every call
+
+
+@torch.no_grad()
+def heldout_loss(model, loader, args, run):
+    """Reconstruction loss on the held-out images (this rank's shard; sums all-reduced under torchrun),
+    with masks from a fixed seed, so that the model before and after training sees the same masks."""
+    model.eval()
+    g, total, n = torch.Generator().manual_seed(MASK_SEED + run.rank), 0.0, 0
+    for imgs, _ in loader:
+        noise = torch.rand(imgs.shape[0], model.patch_embed.num_patches, generator=g).to(run.device)
+        with C.autocast(run):
+            loss, _, _ = model(imgs.to(run.device), args.mask_ratio, noise)
+        total, n = total + loss.item() * len(imgs), n + len(imgs)
+    if run.distributed:
+        sums = torch.tensor([total, n], dtype=torch.float64, device=run.device)
+        torch.distributed.all_reduce(sums)
+        total, n = sums.tolist()
+    return total / max(n, 1)
+
+
+def evaluate(model, train_ds, val_ds, labelled, args, run):
+    """The held-out reconstruction loss and, on labelled data, the linear probe and kNN accuracy of the
+    frozen encoder (C.linear_probe: standardized features, a linear head trained with Adam, seeded).
+    Every rank calls it: the loss on sharded loaders, the features shared (C.extract_features), the
+    probe and kNN fitted on rank 0 (their figures only there)."""
+    model.eval()
+    figures = dict(val_loss=heldout_loss(model, C.make_loader(val_ds, args, run, train=False), args, run))
+    if labelled:
+        whole = lambda ds: C.make_loader(ds, args, run, train=False, whole=True)
+        f = lambda x: encoder_features(model, x)
+        (Xtr, ytr), (Xva, yva) = [C.extract_features(f, whole(ds), run, shared=True) for ds in (train_ds, val_ds)]
+        if run.is_main:
+            figures.update(probe_acc=C.linear_probe(Xtr, ytr, Xva, yva), knn_acc=C.knn_accuracy(Xtr, ytr, Xva, yva))
+    return figures
+
+
+def absolute_lr(args, run):
+    """The official rule when --lr is not given: absolute lr = blr * effective batch / 256."""
+    if args.lr is None:
+        args.lr = args.blr * args.batch_size * run.world_size / 256
+    C.log(run, f"mae {'fine-tuning' if args.finetune else 'pre-training'} --model {args.model} on "
+               f"{args.data or 'synthetic shapes'}, {run.device}, world {run.world_size}, lr {args.lr:.2e}")
+
+
+def train(args, run):
+    """MAE pre-training, then the held-out loss, probe and kNN against the same model at initialization,
+    and the reconstruction picture."""
+    absolute_lr(args, run)
     train_ds, val_ds, classes = C.image_data(args, args.n_train, args.n_val)
     C.check_enough(train_ds, val_ds, args)  # too few to train and evaluate: one line, before any work
     model = create_model(args.model, img_size=args.input_size, norm_pix_loss=args.norm_pix_loss)
     if args.weights:
-        load_pretrained(model, args.weights)
+        load_weights(model, args.weights, run)
     C.check_resume(model, args)  # a --resume of another model ends here, before the evaluation below
     model.to(run.device)
-    val_loader = C.make_loader(val_ds, args, run, train=False, whole=True)
     labelled = len(classes) > 1
-    init = {}
-    if run.is_main:  # the same model before training, for comparison
-        init["val_loss_init"] = heldout_loss(model, val_loader, args, run)
-        if labelled:
-            init["probe_acc_init"], init["knn_acc_init"] = probe(model, train_ds, val_ds, args, run)
-        C.log(run, "at initialization: " + "  ".join(f"{k} {v:.4f}" for k, v in init.items()))
-
-    def loss_fn(net, batch):
-        loss, _, _ = net(batch[0], args.mask_ratio)
-        return loss
-
+    init = evaluate(model, train_ds, val_ds, labelled, args, run)  # the same model before training
+    C.log(run, "at initialization: " + "  ".join(f"{k} {v:.4f}" for k, v in init.items()))
     groups = C.param_groups(model, args.weight_decay)  # no decay on biases and norms; frozen tables skipped
-    model, history = C.fit(model, loss_fn, C.make_loader(train_ds, args, run, train=True), args, run,
+    model, history = C.fit(model, make_loss_fn(args), C.make_loader(train_ds, args, run, train=True), args, run,
                            groups=groups, betas=(0.9, 0.95))
+    figures = evaluate(model, train_ds, val_ds, labelled, args, run)
     if not run.is_main:
-        return
-    figures = dict(val_loss=heldout_loss(model, val_loader, args, run), val_loss_init=init["val_loss_init"])
-    if labelled:
-        figures["probe_acc"], figures["knn_acc"] = probe(model, train_ds, val_ds, args, run)
-        figures.update(probe_acc_init=init["probe_acc_init"], knn_acc_init=init["knn_acc_init"])
+        return None
+    figures.update({f"{k}_init": v for k, v in init.items()})
     C.log(run, f"picture: {save_reconstructions(model, val_ds, args, run, Path(args.out) / 'reconstructions.png')}")
-    C.write_metrics(args, run, history, mask_ratio=args.mask_ratio, **figures)
+    return C.write_metrics(args, run, history, mask_ratio=args.mask_ratio, **figures)
 
 
 def layer_id(name, depth):
@@ -486,7 +536,13 @@ def layer_id(name, depth):
     return depth + 1
 
 
+HEAD_INIT_STD = 2e-5  # main_finetune.py re-draws the head with this std after loading a checkpoint
+
+
 def finetune(args, run):
+    """Supervised fine-tuning of the classifier (from --weights: an MAE encoder; without: from
+    scratch), then its held-out top-1 accuracy."""
+    absolute_lr(args, run)
     train_ds, val_ds, classes = C.image_data(args, args.n_train, args.n_val)
     if len(classes) < 2:
         C.die(f"--finetune needs labelled data: class folders in {args.data}")
@@ -495,30 +551,20 @@ def finetune(args, run):
     if args.weights:  # the pre-trained encoder (ours, official pretrain, or a fine-tuned file)
         state = C.unwrap_state(C.load_checkpoint(args.weights))
         own = model.state_dict()
-        keep = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
-        missing = sorted(set(own) - set(keep))
-        if not all(k.startswith(("fc_norm", "head")) for k in missing):
-            C.die(f"{args.weights}: no MAE encoder for --model {args.model}: missing {', '.join(missing[:6])}")
-        model.load_state_dict(keep, strict=False)
-        C.log(run, f"loaded the encoder from {args.weights} ({len(keep)} tensors); new: {', '.join(missing) or 'none'}")
+        encoder = {k: v for k, v in state.items() if k in own}  # the decoder, mask token and `norm` stay behind
+        C.load_state(model, encoder, args.weights, allow_missing=("fc_norm.", "head."), new_head="head.", run=run)
+        nn.init.trunc_normal_(model.head.weight, std=HEAD_INIT_STD)  # as main_finetune.py, after every load
+        new = sorted(set(own) - set(encoder))
+        C.log(run, f"loaded the encoder from {args.weights} ({len(encoder)} tensors); new: {', '.join(new) or 'none'}")
     C.check_resume(model, args)
     depth = len(model.blocks)
     scale = lambda name: args.layer_decay ** (depth + 1 - layer_id(name, depth))
     groups = C.param_groups(model, args.weight_decay, lr_scale=scale, skip=("pos_embed", "cls_token"))
-
-    def loss_fn(net, batch):
-        return F.cross_entropy(net(batch[0]), batch[1], label_smoothing=args.smoothing)
-
-    model, history = C.fit(model, loss_fn, C.make_loader(train_ds, args, run, train=True), args, run, groups=groups)
-    if run.is_main:
-        model.eval()
-        correct = n = 0
-        with torch.no_grad():
-            for x, y in C.make_loader(val_ds, args, run, train=False, whole=True):
-                with C.autocast(run):
-                    correct += (model(x.to(run.device)).argmax(1).cpu() == y).sum().item()
-                n += len(y)
-        C.write_metrics(args, run, history, acc=correct / n, pretrained=bool(args.weights))
+    model, history = C.fit(model, make_loss_fn(args), C.make_loader(train_ds, args, run, train=True), args, run,
+                           groups=groups)
+    model.eval()
+    acc, _ = C.top1(model, C.make_loader(val_ds, args, run, train=False), run)  # every rank: its shard
+    return C.write_metrics(args, run, history, acc=acc, pretrained=bool(args.weights))
 
 
 def encoder_with_mask_tokens(model, imgs, mask_ratio, enc_mask_token):
@@ -538,8 +584,10 @@ def encoder_with_mask_tokens(model, imgs, mask_ratio, enc_mask_token):
 
 
 def bench(args, run):
-    """Encoder on visible patches only (MAE) vs. encoder with mask tokens on all patches, same decoder:
-    FLOPs and time of one training step (forward + backward)."""
+    """The paper's Table 1c / Table 2 claim at its own size (ViT-B by default, --model large / huge):
+    encoder on visible patches only (MAE) vs. encoder with mask tokens on all patches, same decoder;
+    FLOPs (counted) and wall-clock of one training step (forward + backward), timed in interleaved
+    rounds (C.time_ab). It runs at the paper's size on a CPU too (batch 8 by default): no smaller fallback."""
     model = create_model(args.model, norm_pix_loss=args.norm_pix_loss).to(run.device)
     cfg, S = PRESETS[args.model], PRESETS[args.model]["img_size"]
     bs = args.bench_batch
@@ -559,11 +607,9 @@ def bench(args, run):
     block = lambda n, d: 12 * n * d * d + 2 * n * n * d                   # multiply-adds of one block
     dec = cfg["decoder_depth"] * block(L + 1, cfg["decoder_embed_dim"])
     analytic = (cfg["depth"] * block(L + 1, cfg["embed_dim"]) + dec) / (cfg["depth"] * block(keep + 1, cfg["embed_dim"]) + dec)
-    rows = []
-    for name, wm in (("encoder w/ [M] (all tokens)", True), ("MAE encoder (visible only)", False)):
-        flops = C.count_flops(step(wm))
-        secs = C.benchmark(step(wm), run, warmup=1, reps=args.bench_reps)
-        rows.append((name, flops, secs))
+    names = {"encoder w/ [M] (all tokens)": True, "MAE encoder (visible only)": False}
+    secs = C.time_ab({name: step(wm) for name, wm in names.items()}, run, rounds=args.bench_reps, warmup=1)
+    rows = [(name, C.count_flops(step(wm)), secs[name]) for name, wm in names.items()]
     print(f"MAE-{args.model}, {S}x{S}, mask {args.mask_ratio:.0%}, batch {bs}, {run.device}, {args.precision}; "
           f"one training step (forward + backward)")
     print(f"{'encoder':30s} {'GFLOPs':>10s} {'s/step':>8s}")
@@ -577,6 +623,7 @@ def bench(args, run):
 
 
 def smoke(args, run):
+    """A few steps of MAE pre-training on 8 synthetic images with fixed masks: the loss must fall."""
     model = create_model(args.model, img_size=args.input_size, norm_pix_loss=args.norm_pix_loss)
     imgs = C.shapes_images(8, args.input_size, seed=0)["images"]
     batch = (torch.stack([C.normalize(x) for x in imgs]),)
@@ -586,9 +633,29 @@ def smoke(args, run):
             batch, run)
 
 
+# the CPU recipe: pre-training (python mae.py) and fine-tuning (--finetune) epochs when --epochs is not given
+PRETRAIN_EPOCHS, FINETUNE_EPOCHS = 10, 3
+
+
+def settle(args):
+    """The defaults that depend on other flags, before C.init_run: --bench measures base unless told
+    otherwise; the preset's image size; the epochs of pre-training or fine-tuning; --finetune writes
+    to its own --out (never the folder of the checkpoint it starts from)."""
+    args.model = args.model or ("base" if args.bench else "tiny")
+    args.input_size = args.input_size or PRESETS[args.model]["img_size"]
+    if args.epochs is None:
+        args.epochs = FINETUNE_EPOCHS if args.finetune else PRETRAIN_EPOCHS
+    if args.finetune:
+        C.derived_out(args, "finetune")
+    return args
+
+
 def main(argv=None):
-    p = C.make_parser("mae", __doc__, presets=PRESETS, model=None, epochs=10, batch_size=32, input_size=None, lr=None, weight_decay=0.05,
-                      warmup_epochs=1)
+    p = C.make_parser("mae", __doc__, presets=PRESETS, model=None, epochs=None, batch_size=32, input_size=None, lr=None,
+                      weight_decay=0.05, warmup_epochs=1)
+    next(a for a in p._actions if a.dest == "weights").help = (
+        "initial weights: ours or an official file; the *_full.pth files were trained with --norm_pix_loss: "
+        "evaluate them with it (their reconstructions are per-patch normalized)")
     p.add_argument("--mask_ratio", type=float, default=0.75, help="fraction of patches removed")
     p.add_argument("--norm_pix_loss", action="store_true", help="per-patch normalized pixels as targets")
     p.add_argument("--blr", type=float, default=8e-3, help="base lr: lr = blr * total batch / 256")
@@ -599,22 +666,16 @@ def main(argv=None):
     p.add_argument("--n_train", type=int, default=2000, help="synthetic training images")
     p.add_argument("--n_val", type=int, default=500, help="synthetic held-out images")
     p.add_argument("--bench_batch", type=int, default=8)
-    p.add_argument("--bench_reps", type=int, default=3)
-    args = p.parse_args(argv)
-    args.model = args.model or ("base" if args.bench else "tiny")  # --bench measures base unless told otherwise
-    args.input_size = args.input_size or PRESETS[args.model]["img_size"]
-    if args.finetune:  # its own --out: never the folder of the pre-training checkpoint it starts from
-        C.derived_out(args, "finetune")
+    p.add_argument("--bench_reps", type=int, default=3, help="--bench: interleaved timing rounds")
+    args = settle(p.parse_args(argv))
     run = C.init_run(args, patch_size=PRESETS[args.model]["patch_size"])
-    if args.lr is None:  # the official rule: absolute lr = blr * effective batch / 256
-        args.lr = args.blr * args.batch_size * run.world_size / 256
     if args.smoke:
         return smoke(args, run)
     if args.bench:
         return bench(args, run)
-    C.log(run, f"mae {'fine-tuning' if args.finetune else 'pre-training'} --model {args.model} on "
-               f"{args.data or 'synthetic shapes'}, {run.device}, world {run.world_size}, lr {args.lr:.2e}")
-    finetune(args, run) if args.finetune else pretrain(args, run)
+    if args.finetune:
+        return finetune(args, run)
+    return train(args, run)
 
 
 if __name__ == "__main__":

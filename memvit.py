@@ -27,14 +27,15 @@ first clip; the other clips hold moving distractor shapes of the same colours. T
 the LAST clip, so a model that sees one clip is at chance (25 %), a model with memory is not.
 Training walks each batch slot through the consecutive clips of one video on consecutive
 iterations, carrying the memory between iterations, as the official AVA training does.
-`--bench` measures, on the official `16` preset (MeMViT-16, 16x224x224), the FLOPs and time per
-clip with and without the two memories, and the temporal support each covers.
+`--bench` measures the paper's claim, compute, on the official `16` preset (MeMViT-16,
+16x224x224): the FLOPs per clip with 0, 1 and 2 memories, the temporal support each covers, and
+the time per clip without and with the two memories.
 
-    python memvit.py                      # train tiny with memory (a few minutes on 2 CPU cores)
-    python memvit.py --no_memory          # the same model without memory: chance at the last clip
+    python memvit.py                      # train tiny with memory, evaluate clip by clip, draw
+    python memvit.py --no_memory          # the same model built without memory: chance at the last clip
     python memvit.py --data DIR           # long videos in DIR/<class>/*.mp4, cut into K clips
     python memvit.py --smoke              # seconds; exit status says pass/fail
-    python memvit.py --bench              # FLOPs/time per clip with vs without memory, support ratio
+    python memvit.py --bench              # MeMViT-16: FLOPs/time per clip with vs without memory, support
 
 Departures from the official code (and why):
 - Classification head instead of the AVA detection head: the official release trains on AVA with
@@ -45,8 +46,20 @@ Departures from the official code (and why):
 - The head returns logits in eval mode too (the official head applies softmax/sigmoid in eval).
 - Zeroing memory from another video is done with a new tensor (torch.where) instead of writing
   zeros into the cached tensor in place; the values are the same, and an old graph is never touched.
+  Whether stale clips are dropped instead is decided, as officially, by the cached batch (a cache
+  of batches of one drops them), so a last, smaller batch of one still zeroes; a batch larger than
+  the cached one is an error here as there (the official code asserts).
+- `--no_memory` / use_memory=False builds no memory parameters (compressors, rel_pos_mem_*), as the
+  official code with MEMVIT.ENABLE and MEMVIT.COMPRESS.ENABLE off (the defaults): a memory-less
+  official state dict loads with every key matched. `--weights` of a checkpoint with memory into
+  such a model drops the memory's tensors, and a memory-less checkpoint into a model with memory
+  keeps the memory's fresh initialisation, each saying so (the official loader is not strict).
 - Attention runs through F.scaled_dot_product_attention with the relative-position term passed as
-  an additive mask (same maths as the official softmax(q k^T * scale + rel) V).
+  an additive mask (same maths as the official softmax(q k^T * scale + rel) V). The current clip's
+  time term goes through the shared get_rel_pos: with q and k of equal length (every MeMViT
+  layer) its index is the official i - j + (kt - 1); for clips of another length than the model
+  was built for it interpolates rel_pos_t, where the official code indexes the table as it is
+  (rows 0 .. 2kt - 2: off its centre for shorter clips, out of range for longer ones).
 - `tiny` preset (CPU): 4 blocks, width 32->128, 8 frames at 32x32, kv stride [1,2,2], sampler `all`
   (so the compressor is trained, see below), no drop path, no head dropout. The `16` and `24`
   presets carry the official AVA configs (gap2/gap3, ATTN_MAX_LEN 3, drop path 0.4, head dropout
@@ -80,11 +93,12 @@ Exercises (set one by blanking the function's body; the command grades it):
    Grade: `python -m pytest tests/test_memvit.py -k "compress"`
 3. Re-implement `MemoryMultiScaleAttention.memory_rel_pos` (MViTv2's decomposed relative
    positions extended to the memory keys, step 8: the memory's own tables, temporal index
-   i + (Mt - 1 - j) * s_t over the memories' frames oldest first, a 0 column for each memory's cls).
+   i + (Mt - 1 - j) * s_t over the memories' frames oldest first, a 0 column for each memory's cls;
+   at the official cost: the space terms once for all memories, the time term once over all Mt).
    Grade: `python -m pytest tests/test_memvit.py -k "memory_positions"`
 4. Re-implement `MemoryMultiScaleAttention.mask_memory` (step 2, official rule for a stream that
-   moves to another video: with batch > 1 that sample's cached memory is ZEROED, not masked; with
-   batch 1 the stale clips are dropped and the selections renumbered).
+   moves to another video: that sample's cached memory is ZEROED, not masked; when the cache holds
+   batches of one, the stale clips are dropped and the selections renumbered).
    Grade: `python -m pytest tests/test_memvit.py -k "switch"`
 5. Explore: the official AVA sampler `gap2` (memories t-2 and t-4) instead of the tiny default
    `all` (t-1 and t-2). Predict the accuracy at each of the K = 3 clips, then run
@@ -106,9 +120,7 @@ import torch.nn.functional as F
 
 import common as C
 
-# --------------------------------------------------------------------------------------------------
-# Model: the ordinary video-MViTv2 pieces
-# --------------------------------------------------------------------------------------------------
+# ============================================================ the ordinary building blocks: video MViTv2
 
 class DropPath(nn.Module):
     """Stochastic depth: drop the whole residual branch of a sample with probability p."""
@@ -161,39 +173,41 @@ def pool_tokens(x, pool, thw, norm=None):
     return (norm(x) if norm is not None else x), thw
 
 
-def resize_table(table, length):
-    """Linearly interpolate a relative-position table (L, d) to `length` rows (official get_rel_pos)."""
-    if table.shape[0] == length:
-        return table
-    t = F.interpolate(table.t()[None], size=length, mode="linear")  # (1, d, length)
-    return t[0].t()  # (length, d)
-
-
-def spatial_index(q_size, k_size):
-    """Relative-distance index for one spatial axis, in the finer grid's units (MViTv2):
-    idx[i, j] = i * max(k/q, 1) - j * max(q/k, 1) + (k - 1) * max(q/k, 1)."""
+def get_rel_pos(q_size, k_size, rel_pos):
+    """Relative-position embeddings for one axis, (q_size, k_size, C): the table row of every
+    (query i, key j) pair, the distance measured in the finer grid's units (MViTv2):
+        R[i, j] = rel_pos[i * max(k/q, 1) - j * max(q/k, 1) + (k - 1) * max(q/k, 1)].
+    The table has 2 * max(q, k) - 1 rows; one of another length is linearly interpolated along
+    its rows first (the official get_rel_pos)."""
+    n = 2 * max(q_size, k_size) - 1
+    if rel_pos.shape[0] != n:
+        rel_pos = F.interpolate(rel_pos.t()[None], size=n, mode="linear")[0].t()  # (n, C)
     q_ratio, k_ratio = max(k_size / q_size, 1.0), max(q_size / k_size, 1.0)
-    dist = torch.arange(q_size)[:, None] * q_ratio - torch.arange(k_size)[None, :] * k_ratio
-    return (dist + (k_size - 1) * k_ratio).long()  # (q_size, k_size)
+    dist = (torch.arange(q_size, device=rel_pos.device)[:, None] * q_ratio
+            - torch.arange(k_size, device=rel_pos.device)[None, :] * k_ratio)  # (q, k)
+    return rel_pos[(dist + (k_size - 1) * k_ratio).long()]  # (q_size, k_size, C)
 
 
-def rel_pos_term(r_q, Rt, Rh, Rw):
-    """Decomposed relative position (MViTv2): for query (t,y,x) and key (t',y',x'),
-    E = q . R_t[t, t'] + q . R_h[y, y'] + q . R_w[x, x'].
-    r_q (B, n, qt, qh, qw, d) unscaled queries; Rt (qt, kt, d), Rh (qh, kh, d), Rw (qw, kw, d).
-    Returns (B, n, qt*qh*qw, kt*kh*kw)."""
-    rel_t = torch.einsum("bnthwd,tkd->bnthwk", r_q, Rt)  # (B, n, qt, qh, qw, kt)
-    rel_h = torch.einsum("bnthwd,hkd->bnthwk", r_q, Rh)  # (B, n, qt, qh, qw, kh)
-    rel_w = torch.einsum("bnthwd,wkd->bnthwk", r_q, Rw)  # (B, n, qt, qh, qw, kw)
-    E = (rel_t[..., :, None, None] + rel_h[..., None, :, None]
-         + rel_w[..., None, None, :])  # (B, n, qt, qh, qw, kt, kh, kw)
-    B, n, qt, qh, qw, kt, kh, kw = E.shape
-    return E.reshape(B, n, qt * qh * qw, kt * kh * kw)  # (B, n, Nq, Nk)
+def decomposed_rel_pos(q, q_size, k_size, rel_pos_h, rel_pos_w, rel_pos_t=None):
+    """MViTv2's decomposed relative positions, the bias added to the attention logits: for query
+    (t, y, x) and key (t', y', x'),
+        E = q . R_t[t, t'] + q . R_h[y, y'] + q . R_w[x, x']       (one einsum per axis).
+    q (B, n, qt*qh*qw, C): the grid's queries, cls left out, NOT scaled by 1/sqrt(d) (official);
+    q_size, k_size: (t, h, w). Returns (B, n, qt*qh*qw, kt*kh*kw)."""
+    (qt, qh, qw), (kt, kh, kw) = q_size, k_size
+    B, n, _, c = q.shape
+    r_q = q.reshape(B, n, qt, qh, qw, c)  # (B, n, qt, qh, qw, C)
+    rel_t = 0.0  # no time axis: no time term
+    if rel_pos_t is not None:
+        Rt = get_rel_pos(qt, kt, rel_pos_t)  # (qt, kt, C)
+        rel_t = torch.einsum("bnthwc,tkc->bnthwk", r_q, Rt)[..., None, None]  # (.., kt, 1, 1)
+    rel_h = torch.einsum("bnthwc,hkc->bnthwk", r_q, get_rel_pos(qh, kh, rel_pos_h))  # (.., kh)
+    rel_w = torch.einsum("bnthwc,wkc->bnthwk", r_q, get_rel_pos(qw, kw, rel_pos_w))  # (.., kw)
+    E = rel_t + rel_h[..., None, :, None] + rel_w[..., None, None, :]  # (B, n, qt, qh, qw, kt|1, kh, kw)
+    return E.expand(B, n, qt, qh, qw, kt, kh, kw).reshape(B, n, qt * qh * qw, kt * kh * kw)
 
 
-# --------------------------------------------------------------------------------------------------
-# The paper's idea: memory-augmented multiscale attention
-# --------------------------------------------------------------------------------------------------
+# ============================================================ the paper's idea: memory attention
 #
 # Per attention layer, the state carried between forward calls (one call = one clip per stream):
 #   cached_k, cached_v : list of (B, 1 + N, dim) pooled k/v inputs of earlier clips, oldest first,
@@ -203,21 +217,27 @@ def rel_pos_term(r_q, Rt, Rh, Rw):
 # Per call (official order, attention.py), with the function that does each step:
 #   0. which cached clips to attend: `all`, or every gap-th one (MeMViT.sample_memory)
 #   1. pool q, k, v from the block input (pool-first); q = W_q q                       (forward)
-#   2. zero every cached sample whose video id differs from the stream's current id (mask_memory)
+#   2. zero every cached sample whose video id differs from the stream's current id; a cache of
+#      batch one drops the stale clips instead (decided by the CACHED batch)      (mask_memory)
 #   3. append the current pooled k, v, detached          (stop-gradient: no BPTT)  (update_memory)
 #   4. compress cache[-2] (clip t-1, still raw) NOW, with gradient   (pipelined compression:
 #      compress_previous, which applies f = compress)
 #   5. K_in = [cache[i] for i in selections] + [k];  V_in likewise                 (update_memory)
 #   6. detach cache[-2] again; drop the oldest entry once the cache holds keep_max_len (idem)
 #   7. k = W_k K_in, v = W_v V_in  (today's weights project yesterday's memory)          (forward)
-#   8. attention with relative positions (separate tables for memory: memory_rel_pos), residual
-#      pooling, proj                                                                   (forward)
+#   8. attention with relative positions (the current clip's: decomposed_rel_pos; the memory's own
+#      tables: memory_rel_pos, its space terms computed once for all memories), residual pooling,
+#      proj                                                                            (forward)
 
 
 class MemoryMultiScaleAttention(nn.Module):
+    """Pool-first multiscale attention (separate q/k/v Linears after the pooling) with MeMViT's
+    memory. memory=False builds the same layer without the memory's parameters (compressors and
+    rel_pos_mem_* tables), as the official code does without MEMVIT.ENABLE."""
+
     def __init__(self, dim, dim_out, num_heads, input_size, kernel_q, kernel_kv, stride_q,
                  stride_kv, attn_max_len=3, keep_max_len=3, compress_kernel=(7, 3, 3),
-                 compress_stride=(4, 2, 2)):
+                 compress_stride=(4, 2, 2), memory=True):
         super().__init__()
         self.num_heads = num_heads
         self.dim_out = dim_out
@@ -247,23 +267,26 @@ class MemoryMultiScaleAttention(nn.Module):
             return nn.Conv3d(dim, dim, compress_kernel, compress_stride,
                              [k // 2 for k in compress_kernel], groups=dim, bias=False)
 
-        self.compress_k, self.norm_compress_k = compress(), nn.LayerNorm(dim, eps=1e-6)
-        self.compress_v, self.norm_compress_v = compress(), nn.LayerNorm(dim, eps=1e-6)
+        if memory:
+            self.compress_k, self.norm_compress_k = compress(), nn.LayerNorm(dim, eps=1e-6)
+            self.compress_v, self.norm_compress_v = compress(), nn.LayerNorm(dim, eps=1e-6)
 
         # decomposed relative positions; the memory gets its own tables (official layout)
         T, S = input_size[0], input_size[1]
         q_size, kv_size = S // stride_q[1], S // stride_kv[1]
         rows = 2 * max(q_size, kv_size) - 1
-        mem_rows = 2 * max(q_size, kv_size // compress_stride[1]) - 1
-        mem_t_rows = 2 * T + (attn_max_len - 2) * T - 1  # 23 for T = 8, ATTN_MAX_LEN = 3
         self.rel_pos_h = nn.Parameter(torch.zeros(rows, head_dim))
         self.rel_pos_w = nn.Parameter(torch.zeros(rows, head_dim))
         self.rel_pos_t = nn.Parameter(torch.zeros(2 * T - 1, head_dim))
-        self.rel_pos_mem_h = nn.Parameter(torch.zeros(mem_rows, head_dim))
-        self.rel_pos_mem_w = nn.Parameter(torch.zeros(mem_rows, head_dim))
-        self.rel_pos_mem_t = nn.Parameter(torch.zeros(mem_t_rows, head_dim))
-        for p in (self.rel_pos_h, self.rel_pos_w, self.rel_pos_t, self.rel_pos_mem_h,
-                  self.rel_pos_mem_w, self.rel_pos_mem_t):
+        tables = [self.rel_pos_h, self.rel_pos_w, self.rel_pos_t]
+        if memory:
+            mem_rows = 2 * max(q_size, kv_size // compress_stride[1]) - 1
+            mem_t_rows = 2 * T + (attn_max_len - 2) * T - 1  # 23 for T = 8, ATTN_MAX_LEN = 3
+            self.rel_pos_mem_h = nn.Parameter(torch.zeros(mem_rows, head_dim))
+            self.rel_pos_mem_w = nn.Parameter(torch.zeros(mem_rows, head_dim))
+            self.rel_pos_mem_t = nn.Parameter(torch.zeros(mem_t_rows, head_dim))
+            tables += [self.rel_pos_mem_h, self.rel_pos_mem_w, self.rel_pos_mem_t]
+        for p in tables:
             nn.init.trunc_normal_(p, std=0.02)
         self.clear_memory()
 
@@ -271,12 +294,17 @@ class MemoryMultiScaleAttention(nn.Module):
         self.cached_k, self.cached_v, self.cached_ids = [], [], []
 
     def mask_memory(self, ids, selections):
-        """Step 2: memory from another video must not be read. Official rule: with batch > 1 the
-        sample's cached memory is ZEROED (not masked with -inf: after W_k it becomes the k bias);
-        with batch 1 the stale entries are dropped and the selections renumbered."""
+        """Step 2: memory from another video must not be read. Official rule: the sample's cached
+        memory is ZEROED (not masked with -inf: after W_k it becomes the k bias); when the CACHE
+        holds batches of one (its oldest entry decides, as in the official code, not the current
+        batch), the stale entries are dropped instead and the selections renumbered. ids (B,) may
+        be shorter than the cached batch (the last, smaller batch): its first B samples are checked."""
         B = ids.shape[0]
+        if any(len(cid) < B for cid in self.cached_ids):  # the official code asserts the same
+            raise ValueError(f"a batch of {B} streams after a cached batch of fewer: "
+                             "call clear_memory() first")
         same = [cid[:B] == ids for cid in self.cached_ids]  # each (B,) bool
-        if B == 1:
+        if self.cached_k and self.cached_k[0].shape[0] == 1:  # the cached batch, not B
             kept = [i for i, s in enumerate(same) if bool(s.all())]
             renumber = {old: new for new, old in enumerate(kept)}
             self.cached_k = [self.cached_k[i] for i in kept]
@@ -370,19 +398,15 @@ class MemoryMultiScaleAttention(nn.Module):
     def rel_pos_bias(self, q, q_thw, k_thw, mem_thw, num_mem):
         """Additive logits term, (B, n, Nq, Nk_total), key columns laid out as
         [cls_1, M_1 tokens, ..., cls_m, M_m tokens, cls, current tokens]; cls rows/columns get 0.
-        Current keys:  t-index i - j + (kt - 1); h/w as MViTv2.
-        Memory keys:   own tables rel_pos_mem_*; the m memories' frames are concatenated into
-                       Mt = m * mt frames and frame j of that list is (Mt - 1 - j) compressed
-                       strides before query frame i: t-index i + (Mt - 1 - j) * stride_t."""
+        Current keys:  MViTv2's decomposed_rel_pos (t-index i - j + (kt - 1) as qt = kt).
+        Memory keys:   own tables rel_pos_mem_* (memory_rel_pos)."""
         B, n, Nq, d = q.shape
-        qt, qh, qw = q_thw
-        r_q = q[:, :, 1:].reshape(B, n, qt, qh, qw, d)  # (B, n, qt, qh, qw, d)
-        kt, kh, kw = k_thw
-        Rt = self.rel_pos_t[torch.arange(qt)[:, None] - torch.arange(kt)[None, :] + kt - 1]
-        Rh = resize_table(self.rel_pos_h, 2 * max(qh, kh) - 1)[spatial_index(qh, kh)]
-        Rw = resize_table(self.rel_pos_w, 2 * max(qw, kw) - 1)[spatial_index(qw, kw)]
-        cur = rel_pos_term(r_q, Rt, Rh, Rw)  # (B, n, Nq-1, kt*kh*kw)
-        blocks = [self.memory_rel_pos(r_q, mem_thw, num_mem)] if num_mem > 0 else []
+        cur = decomposed_rel_pos(q[:, :, 1:], q_thw, k_thw, self.rel_pos_h, self.rel_pos_w,
+                                 self.rel_pos_t)  # (B, n, Nq-1, kt*kh*kw)
+        blocks = []
+        if num_mem > 0:
+            r_q = q[:, :, 1:].reshape(B, n, *q_thw, d)  # (B, n, qt, qh, qw, d)
+            blocks.append(self.memory_rel_pos(r_q, mem_thw, num_mem))
         blocks += [cur.new_zeros(B, n, Nq - 1, 1), cur]  # cls of the current clip, its tokens
         E = torch.cat(blocks, dim=-1)  # (B, n, Nq-1, Nk_total)
         return torch.cat([E.new_zeros(B, n, 1, E.shape[-1]), E], dim=2)  # (B, n, Nq, Nk_total)
@@ -394,17 +418,24 @@ class MemoryMultiScaleAttention(nn.Module):
         Time: the m memories' frames, oldest first, form one list of Mt = m * mt frames; frame j
         of it lies (Mt - 1 - j) compressed strides s_t before query frame i, so its t-index is
             i + (Mt - 1 - j) * s_t            (rel_pos_mem_t, 2T + (ATTN_MAX_LEN - 2)T - 1 rows);
-        space: the MViTv2 index of the query grid against the compressed memory grid."""
+        space: the MViTv2 index of the query grid against the compressed memory grid. Every
+        memory has the same grid, so the space terms are computed ONCE and shared by all m
+        memories, and the time term once over all Mt frames (the official cost)."""
         B, n, qt, qh, qw, d = r_q.shape
         mt, mh, mw = mem_thw
         Mt, s = num_mem * mt, self.compress_stride[0]
         idx_t = torch.arange(qt)[:, None] + (Mt - 1 - torch.arange(Mt)[None, :]) * s  # (qt, Mt)
-        Rt_mem = self.rel_pos_mem_t[idx_t]  # (qt, Mt, d)
-        Rh_mem = resize_table(self.rel_pos_mem_h, 2 * max(qh, mh) - 1)[spatial_index(qh, mh)]
-        Rw_mem = resize_table(self.rel_pos_mem_w, 2 * max(qw, mw) - 1)[spatial_index(qw, mw)]
+        Rt_mem = self.rel_pos_mem_t[idx_t.to(r_q.device)]  # (qt, Mt, d)
+        Rh_mem = get_rel_pos(qh, mh, self.rel_pos_mem_h)  # (qh, mh, d)
+        Rw_mem = get_rel_pos(qw, mw, self.rel_pos_mem_w)  # (qw, mw, d)
+        rel_t = torch.einsum("bnthwd,tkd->bnthwk", r_q, Rt_mem)  # (B, n, qt, qh, qw, Mt)
+        rel_h = torch.einsum("bnthwd,hkd->bnthwk", r_q, Rh_mem)  # (B, n, qt, qh, qw, mh)
+        rel_w = torch.einsum("bnthwd,wkd->bnthwk", r_q, Rw_mem)  # (B, n, qt, qh, qw, mw)
         blocks = []
-        for m in range(num_mem):
-            E = rel_pos_term(r_q, Rt_mem[:, m * mt:(m + 1) * mt], Rh_mem, Rw_mem)
+        for m in range(num_mem):  # memory m: its mt frames of rel_t, the shared space terms
+            E = (rel_t[..., m * mt:(m + 1) * mt, None, None] + rel_h[..., None, :, None]
+                 + rel_w[..., None, None, :])  # (B, n, qt, qh, qw, mt, mh, mw)
+            E = E.reshape(B, n, qt * qh * qw, mt * mh * mw)  # (B, n, Nq-1, mt*mh*mw)
             blocks += [E.new_zeros(B, n, qt * qh * qw, 1), E]  # cls of memory m, its tokens
         return torch.cat(blocks, dim=-1)  # (B, n, Nq-1, num_mem * (1 + mt*mh*mw))
 
@@ -440,9 +471,7 @@ class MultiScaleBlock(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x))), thw_new
 
 
-# --------------------------------------------------------------------------------------------------
-# The full model and its presets
-# --------------------------------------------------------------------------------------------------
+# ============================================================ the full model and its presets
 
 PRESETS = {
     # CPU-sized: 8x32x32 clips -> 4x8x8 tokens; 4 blocks, width 32 -> 64 -> 128
@@ -468,7 +497,9 @@ class MeMViT(nn.Module):
                  use_memory=True):
         super().__init__()
         assert sampler == "all" or (sampler.startswith("gap") and sampler[3:].isdigit()), sampler
-        self.sampler, self.use_memory = sampler, use_memory
+        # use_memory: built with the memory's parameters (official MEMVIT.ENABLE); a model built with
+        # them may switch its memory off and on again (model.use_memory), one built without may not
+        self.sampler, self.use_memory, self.has_memory = sampler, use_memory, use_memory
         # official: no memory attention in odd layers (they still cache and compress)
         self.exclude_layers = (set(range(1, depth, 2)) if exclude_layers is None
                                else set(exclude_layers))
@@ -491,7 +522,8 @@ class MeMViT(nn.Module):
             self.blocks.append(MultiScaleBlock(
                 dim, dim_out, heads, grid, (3, 3, 3), stride_q, kv_stride, drop_path=dpr[i],
                 attn_max_len=attn_max_len, keep_max_len=keep_max_len,
-                compress_kernel=compress_kernel, compress_stride=compress_stride))
+                compress_kernel=compress_kernel, compress_stride=compress_stride,
+                memory=use_memory))
             grid = [g // s for g, s in zip(grid, stride_q)]
             dim = dim_out
         self.norm = nn.LayerNorm(dim, eps=1e-6)
@@ -528,6 +560,8 @@ class MeMViT(nn.Module):
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1 + N, C)
         if video_ids is not None:
             video_ids = torch.as_tensor(video_ids, device=x.device).long()
+        if self.use_memory and not self.has_memory:
+            raise RuntimeError("this model was built with use_memory=False: it has no memory tables")
         selections = self.sample_memory() if self.use_memory else None  # step 0
         for i, blk in enumerate(self.blocks):
             sel = None if selections is None else ([] if i in self.exclude_layers else selections)
@@ -552,19 +586,17 @@ def temporal_support(model):
     return 1 + reach * sum(i not in model.exclude_layers for i in range(len(model.blocks)))
 
 
-# --------------------------------------------------------------------------------------------------
-# Loss: softmax cross-entropy on every clip of the stream (each clip carries its video's label)
-# --------------------------------------------------------------------------------------------------
+# ============================================================ the loss: cross-entropy on every clip
 
 
-def loss_fn(net, batch):
+def loss_fn(model, batch):
     """One iteration = the next clip of every stream. A batch that starts the epoch clears the
     memory (official clear_memory); a stream moving to another video is handled inside the model by
     the video ids (memory of the old video zeroed)."""
     clips, labels, video_ids, clip_idx, epoch_start = batch
     if bool(epoch_start.any()):
-        memvit_of(net).clear_memory()
-    logits = net(clips.permute(0, 2, 1, 3, 4), video_ids)  # (B, T, 3, S, S) -> (B, 3, T, S, S)
+        memvit_of(model).clear_memory()
+    logits = model(clips.permute(0, 2, 1, 3, 4), video_ids)  # (B, T, 3, S, S) -> (B, 3, T, S, S)
     return F.cross_entropy(logits, labels)
 
 
@@ -575,9 +607,7 @@ def memvit_of(net):
     return net
 
 
-# --------------------------------------------------------------------------------------------------
-# Data: long videos cut into K consecutive clips, walked as streams
-# --------------------------------------------------------------------------------------------------
+# ============================================================ data glue: long videos as streams of K clips
 
 CUE_COLORS = ("red", "green", "blue", "yellow")
 
@@ -741,15 +771,14 @@ def stream_loader(ds, args, run, train, batch_size=None):
                                        pin_memory=run.device.type == "cuda")
 
 
-# --------------------------------------------------------------------------------------------------
-# Train, evaluate, bench, smoke
-# --------------------------------------------------------------------------------------------------
+# ============================================================ train, evaluate, bench, smoke
 
 
 @torch.no_grad()
-def evaluate(model, loader, run, num_clips):
+def evaluate(model, loader, num_clips, run):
     """Walk every held-out video clip by clip (memory carried); accuracy at each clip index. The
-    paper's figure is the LAST clip: only memory can tell the cue shown in clip 0."""
+    paper's figure is the LAST clip: only memory can tell the cue shown in clip 0. Under torchrun
+    every process walks its share of the videos and the counts are summed."""
     model.eval()
     correct, total = torch.zeros(num_clips), torch.zeros(num_clips)
     preds = {}
@@ -785,82 +814,124 @@ def save_picture(path, ds, preds, classes, num_clips, rows=4):
     return C.save_grid(path, images, texts)
 
 
+SAMPLING_RATE = {"16": 4, "24": 3}  # the presets' frame strides (16x4, 32x3): for the support in seconds
+FPS = 30  # AVA / Kinetics frame rate
+
+
 def bench(args, run):
-    """FLOPs and time per clip of MeMViT-16 (16x224x224) with 0, 1 and 2 memories (gap2 sampler,
-    ATTN_MAX_LEN 3, memory attention in the 8 even layers), and the temporal support each covers."""
+    """The paper's claim is compute: FLOPs (what the paper counts; C.count_flops, one FLOP = one
+    multiply or add) of one clip of MeMViT-16 (16x224x224, the paper's model: gap2, ATTN_MAX_LEN
+    3, memory attention in the 8 even layers) with 0, 1 and 2 memories attended, and the temporal
+    support each covers; then the time per clip without and with the two memories (C.time_ab,
+    interleaved). The paper's size runs on a CPU (one clip is a few seconds on one core), so there
+    is no smaller fallback."""
     name = args.model if args.model != "tiny" else "16"
     model = create_model(name).to(run.device).eval()
     cfg = PRESETS[name]
     x = torch.randn(1, 3, cfg["num_frames"], cfg["input_size"], cfg["input_size"], device=run.device)
     ids = torch.zeros(1, dtype=torch.long, device=run.device)
-    gap = int(model.sampler[3:])
-    rows = []
+    gap = int(model.sampler[3:]) if model.sampler.startswith("gap") else 1
+    layers = sum(i not in model.exclude_layers for i in range(len(model.blocks)))
 
     def step():
         with torch.no_grad(), C.autocast(run):
             model(x, ids)
 
-    for n_mem in (0, 1, 2):  # FLOPs with 0, 1, 2 memories attended
-        model.use_memory = n_mem > 0
-        model.clear_memory()
-        for _ in range(gap * n_mem):  # fill the cache until n_mem clips are selected
+    model.use_memory = False
+    flops = {0: C.count_flops(step)}  # the same model, memory off: the baseline
+    model.use_memory = True
+    model.clear_memory()
+    for n_mem in (1, 2):  # walk the stream until n_mem cached clips are selected, then count
+        while len(model.sample_memory()) < n_mem:
             step()
-        assert len(model.sample_memory()) == n_mem
-        support = 1 + (temporal_support(model) - 1) * n_mem // 2 if n_mem else 1
-        rows.append([n_mem, C.count_flops(step), None, support])
-    # time: the cache is full (2 memories) and stays full; memory off and on alternate, so that a
-    # change in the machine's load hits both alike (memory off leaves the cache untouched)
-    times = {False: [], True: []}
-    for r in range(args.bench_reps + 1):
-        for use in (False, True):
+        flops[n_mem] = C.count_flops(step)
+
+    def with_memory(use):
+        def fn():  # the cache is full (2 memories) and stays full; memory off leaves it untouched
             model.use_memory = use
-            t = C.benchmark(step, run, warmup=0, reps=1)
-            if r > 0:  # the first round is the warm-up
-                times[use].append(t)
-    rows[0][2], rows[2][2] = np.median(times[False]), np.median(times[True])
-    f0, t0 = rows[0][1], rows[0][2]
-    span = cfg["num_frames"] * {"16": 4, "24": 3}.get(name, 1)  # 16x4: 64 frames, ~2.1 s at 30 fps
+            step()
+        return fn
+
+    times = C.time_ab({0: with_memory(False), 2: with_memory(True)}, run, rounds=args.bench_reps)
+    assert len(model.sample_memory()) == 2
+    span = cfg["num_frames"] * SAMPLING_RATE.get(name, 1)  # 16x4: 64 frames, ~2.1 s at 30 fps
     C.log(run, f"\nMeMViT-{name} classification backbone, one {cfg['num_frames']}x{cfg['input_size']}x"
                f"{cfg['input_size']} clip, sampler {model.sampler}, device {run.device}")
-    C.log(run, f"{'memories':>8} {'GFLOPs':>8} {'GMACs':>7} {'FLOPs':>7} {'ms/clip':>8} {'time':>7} "
+    C.log(run, f"{'memories':>8} {'GFLOPs':>8} {'GMACs':>7} {'FLOPs':>8} {'ms/clip':>8} {'time':>7} "
                f"{'support':>14}")
-    for n_mem, flops, seconds, support in rows:
-        ms, rel = (f"{seconds * 1e3:8.0f}", f"{seconds / t0:6.3f}x") if seconds else ("       -", "      -")
-        C.log(run, f"{n_mem:>8} {flops / 1e9:8.2f} {flops / 2e9:7.2f} {flops / f0:6.3f}x {ms} {rel} "
-                   f"{support:4d} clips {support * span / 30:4.0f}s")
-    n_mem, flops, seconds, support = rows[-1]
-    C.log(run, "(GMACs = the paper's 'GFLOPs'; official fvcore count: 57.40 -> 58.08 -> 58.70, +2.3% "
-               "for two memories; support: each of the 8 memory layers reaches gap*2 = 4 clips further)")
-    C.log(run, f"bench: memory costs +{(flops / f0 - 1) * 100:.1f}% FLOPs and "
-               f"{(seconds / t0 - 1) * 100:+.1f}% time per clip for {support}x the temporal support "
-               f"({support} clips = {support * span} frames vs {span}); paper: +2.3% FLOPs "
-               f"(MeMViT-16, 2 memories), 30x support for +4.5%")
+    for n_mem, f in flops.items():
+        support = 1 + gap * n_mem * layers  # each memory layer reaches gap * n_mem clips further
+        ms, rel = ((f"{times[n_mem] * 1e3:8.0f}", f"{times[n_mem] / times[0]:6.3f}x") if n_mem in times
+                   else ("       -", "      -"))
+        C.log(run, f"{n_mem:>8} {f / 1e9:8.2f} {f / 2e9:7.2f} {(f / flops[0] - 1) * 100:+7.2f}% {ms} "
+                   f"{rel} {support:4d} clips {support * span / FPS:4.0f}s")
+    C.log(run, "(GMACs = the paper's 'GFLOPs'; the official code under the same counter: +1.24% for "
+               "one memory, +2.32% for two; fvcore on the official code: 57.40 -> 58.08 -> 58.70 GMACs; "
+               f"support: each of the {layers} memory layers reaches gap x memories clips further)")
+    support = 1 + gap * 2 * layers
+    C.log(run, f"bench: memory costs {(flops[2] / flops[0] - 1) * 100:+.2f}% FLOPs and "
+               f"{(times[2] / times[0] - 1) * 100:+.1f}% time per clip for {support}x the temporal "
+               f"support ({support} clips = {support * span} frames vs {span}); official code: "
+               f"+2.32% FLOPs (MeMViT-16, 2 memories); paper: 30x support for +4.5%")
+
+
+MEMORY_PARAMS = ("compress_k.", "compress_v.", "norm_compress_k.", "norm_compress_v.", "rel_pos_mem_")
+
+
+def is_memory_key(name):
+    """blocks.<i>.attn.<memory parameter>: the keys that only a model with memory has."""
+    return ".attn." in name and name.split(".attn.")[-1].startswith(MEMORY_PARAMS)
 
 
 def load_weights(model, path, run):
     """Our checkpoint or an official MeMViT .pyth (weights under `model_state`). The AVA box
     transformer (`box_blocks.*`) is not built here and is dropped; a head of another class count
-    is dropped too (fine-tuning), saying so; every other key must match."""
+    is dropped too (fine-tuning: C.load_state's new_head); a model without memory drops the
+    memory's tensors (compressors, rel_pos_mem_*), and a model with memory loading weights that
+    have none (a memory-less official model) keeps its own, freshly initialised ones, saying so;
+    every other key must match."""
     state = C.unwrap_state(C.load_checkpoint(path))
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         C.die(f"{path}: not a state dict of tensors")
-    dropped = [k for k in state if k.startswith("box_blocks.")]
+    dropped = [k for k in state if k.startswith("box_blocks.") or
+               (is_memory_key(k) and not memvit_of(model).has_memory)]
     state = {k: v for k, v in state.items() if k not in dropped}
-    own = model.state_dict()["head.projection.weight"].shape
     allow = ()
-    if "head.projection.weight" in state and state["head.projection.weight"].shape != own:
-        dropped += [k for k in state if k.startswith("head.")]
-        state = {k: v for k, v in state.items() if not k.startswith("head.")}
-        allow = ("head.",)
-    C.load_state(model, state, path, allow_missing=allow)
+    if memvit_of(model).has_memory and not any(is_memory_key(k) for k in state):
+        allow = tuple(k for k in model.state_dict() if is_memory_key(k))
+        C.log(run, f"{path}: no memory tensors: the {len(allow)} of this model's memory "
+                   "(compressors, rel_pos_mem_*) start from their initialisation")
+    C.load_state(model, state, path, allow_missing=allow, new_head="head.", run=run)
+    kinds = sorted({"box_blocks" if k.startswith("box_blocks.") else "memory" for k in dropped})
     C.log(run, f"loaded {len(state)} tensors from {path}" +
-          (f"; dropped {len(dropped)} ({', '.join(sorted({k.split('.')[0] for k in dropped}))})"
-           if dropped else ""))
+          (f"; dropped {len(dropped)} ({', '.join(kinds)})" if dropped else ""))
 
 
-def smoke(model, args, run, num_frames):
+def prepare(args, run):
+    """Checks the memory flags, then (model, train_ds, val_ds, classes): the data (--data or the
+    synthetic cue task) and the model for it, with --weights loaded."""
+    if args.sampler and not (args.sampler == "all" or (args.sampler.startswith("gap")
+                                                       and args.sampler[3:].isdigit())):
+        C.die(f"--sampler {args.sampler!r}: use all or gapN (e.g. gap2)")
+    if args.num_clips < 1:
+        C.die("--num_clips must be at least 1")
+    num_frames = args.num_frames or PRESETS[args.model]["num_frames"]
+    train_ds, val_ds, classes = stream_data(args, num_frames)
+    if not args.smoke:
+        C.check_enough(train_ds, val_ds, args)  # too few: one line, before any work
+    overrides = dict(input_size=args.input_size, num_frames=num_frames, num_classes=len(classes),
+                     use_memory=not args.no_memory)
+    if args.sampler:
+        overrides["sampler"] = args.sampler
+    model = create_model(args.model, **overrides)
+    if args.weights:
+        load_weights(model, args.weights, run)
+    return model, train_ds, val_ds, classes
+
+
+def smoke(args, run):
     """A few steps on one tiny batch of 4 streams, walking their K clips again and again."""
-    ds = stream_data(args, num_frames)[0]
+    model, ds, _, _ = prepare(args, run)
     batches = list(stream_loader(ds, args, run, train=True, batch_size=4))[: args.num_clips]
     state = dict(i=0)
 
@@ -872,44 +943,10 @@ def smoke(model, args, run, num_frames):
     C.smoke(model, walk, None, run, steps=40, lr=2e-3)
 
 
-# --------------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------------
-
-
-def main(argv=None):
-    p = C.make_parser("memvit", __doc__, presets=PRESETS, epochs=5, batch_size=16, lr=5e-4, weight_decay=0.05,
-                      warmup_epochs=1, input_size=32, clip_grad=1.0)
-    p.add_argument("--no_memory", action="store_true", help="the same model without its memory")
-    p.add_argument("--num_clips", type=int, default=3, help="K clips per long video")
-    p.add_argument("--num_frames", type=int, default=None, help="frames per clip (preset's)")
-    p.add_argument("--sampling_rate", type=int, default=None, help="frame stride (--data: 4)")
-    p.add_argument("--sampler", default=None, help="memory sampler: all or gapN (preset's)")
-    p.add_argument("--num_videos", type=int, default=512, help="synthetic training videos")
-    p.add_argument("--bench_reps", type=int, default=3)
-    args = p.parse_args(argv)
-    run = C.init_run(args)
-    if args.bench:
-        return bench(args, run)
-    if args.sampler and not (args.sampler == "all" or (args.sampler.startswith("gap")
-                                                       and args.sampler[3:].isdigit())):
-        C.die(f"--sampler {args.sampler!r}: use all or gapN (e.g. gap2)")
-    if args.num_clips < 1:
-        C.die("--num_clips must be at least 1")
-    cfg = PRESETS[args.model]
-    num_frames = args.num_frames or cfg["num_frames"]
-    train_ds, val_ds, classes = stream_data(args, num_frames)
-    if not args.smoke:
-        C.check_enough(train_ds, val_ds, args)  # too few: one line, before any work
-    overrides = dict(input_size=args.input_size, num_frames=num_frames, num_classes=len(classes),
-                     use_memory=not args.no_memory)
-    if args.sampler:
-        overrides["sampler"] = args.sampler
-    model = create_model(args.model, **overrides)
-    if args.weights:
-        load_weights(model, args.weights, run)
-    if args.smoke:
-        return smoke(model, args, run, num_frames)
+def train(args, run):
+    """Train on the streams (memory carried between iterations), then evaluate clip by clip on
+    held-out streams, draw the picture and write the metrics."""
+    model, train_ds, val_ds, classes = prepare(args, run)
     C.check_resume(model, args)  # a --resume of another model ends here, at once
     C.log(run, f"MeMViT-{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
                f"params, memory {'OFF' if args.no_memory else 'on'} (sampler {model.sampler}, "
@@ -917,14 +954,36 @@ def main(argv=None):
                f"{len(train_ds)} training videos x {args.num_clips} clips")
     model, history = C.fit(model, loss_fn, stream_loader(train_ds, args, run, train=True), args,
                            run, find_unused=True)
-    per_clip, preds = evaluate(model, stream_loader(val_ds, args, run, train=False), run,
-                               args.num_clips)
+    per_clip, preds = evaluate(model, stream_loader(val_ds, args, run, train=False), args.num_clips,
+                               run)
     if run.is_main:
         save_picture(os.path.join(args.out, "memvit_streams.png"), val_ds, preds, classes,
                      args.num_clips)
     C.write_metrics(args, run, history, acc=per_clip[-1], acc_per_clip=per_clip,
                     chance=1 / len(classes), memory=not args.no_memory, sampler=model.sampler,
                     temporal_support_clips=temporal_support(model) if model.use_memory else 1)
+
+
+# ============================================================ command line
+
+
+def main(argv=None):
+    p = C.make_parser("memvit", __doc__, presets=PRESETS, epochs=5, batch_size=16, lr=5e-4,
+                      weight_decay=0.05, warmup_epochs=1, input_size=32, clip_grad=1.0)
+    p.add_argument("--no_memory", action="store_true", help="the same model without its memory")
+    p.add_argument("--num_clips", type=int, default=3, help="K clips per long video")
+    p.add_argument("--num_frames", type=int, default=None, help="frames per clip (preset's)")
+    p.add_argument("--sampling_rate", type=int, default=None, help="frame stride (--data: 4)")
+    p.add_argument("--sampler", default=None, help="memory sampler: all or gapN (preset's)")
+    p.add_argument("--num_videos", type=int, default=512, help="synthetic training videos")
+    p.add_argument("--bench_reps", type=int, default=3, help="--bench: timing rounds")
+    args = p.parse_args(argv)
+    run = C.init_run(args)
+    if args.smoke:
+        return smoke(args, run)
+    if args.bench:
+        return bench(args, run)
+    return train(args, run)
 
 
 if __name__ == "__main__":

@@ -42,11 +42,14 @@ Departures from the official code, and why:
     here the tables are linearly resized when the grid differs from the one they were built for, as
     SlowFast/Detectron2 do, so the image models also run at other resolutions (and non-square ones,
     with h and w tables sized separately).
-  * Both share the image repo's init (Linear trunc_normal 0.02 with bias 0, LayerNorm 1/0); SlowFast
-    sets Linear/LayerNorm biases to 0.02 for its video models.
+  * Each is initialised as its official code: images as the image repo (Linear trunc_normal 0.02 with
+    bias 0, LayerNorm 1/0, convolutions PyTorch's default), video as SlowFast (Linear and conv
+    weights trunc_normal 0.02, Linear/LayerNorm biases 0.02). The video presets S/B/L take the K400
+    configs' drop path (0.2/0.3/0.75) and head dropout 0.5 (VIDEO_PRESETS); the image presets
+    T/S/B/L the IN-1K configs' (0.1/0.1/0.3/0.5, no dropout).
   * The attention softmax goes through F.scaled_dot_product_attention with the rel-pos term as an
     additive mask (same numbers, one kernel); `use_sdpa = False` on an attention module switches to
-    the explicit (q*scale) @ k^T matmuls, used to count FLOPs.
+    the explicit (q*scale) @ k^T matmuls of the official code (the tests check that both agree).
   * `tiny` (the CPU default) is 4 blocks in 3 stages, width 48->96->192, on 32 px inputs, with the
     adaptive kv stride started at 2 instead of 4 (at 32 px the first grid is 8x8: stride 4 would
     leave 2x2 keys). The paper's sizes T/S/B/L are exact (24,173,320 / 34,870,216 / 51,472,744 /
@@ -65,11 +68,11 @@ Exercises (set one by blanking the function's body; the command grades it):
    cls back in front, LayerNorm over the head dim (cls included). The blocks' max-pooled shortcut
    goes through it too.
    Grade: `python -m pytest tests/test_mvit.py -k "attention_pool"`
-2. Re-implement `rel_pos_index` and `decomposed_rel_pos` (Sec. 4.1, decomposed relative position:
+2. Re-implement `get_rel_pos` and `decomposed_rel_pos` (Sec. 4.1, decomposed relative position:
    E_rel[i, j] = Q_i . (R^h[h(i) - h(j)] + R^w[w(i) - w(j)] (+ R^t[t(i) - t(j)])); step 3): the
-   distance in the finer grid's units when q and k are pooled differently (T's block 0, 56 vs 14:
-   idx = i - 4j + 52), one table look-up and einsum per axis, broadcast over the keys in the order
-   the pooled keys come in.
+   table rows for every (query, key) pair with the distance in the finer grid's units when q and k
+   are pooled differently (T's block 0, 56 vs 14: row i - 4j + 52), one einsum per axis, broadcast
+   over the keys in the order the pooled keys come in.
    Grade: `python -m pytest tests/test_mvit.py -k "decomposed"`
 3. Re-implement `MultiScaleAttention.forward` (Sec. 3 pooling attention with Sec. 4.1's E_rel and
    residual pooling Z = Attn(Q, K, V) + Q; steps 1-6): the heads cut from qkv in the checkpoints'
@@ -105,7 +108,7 @@ import torch.nn.functional as F
 import common as C
 
 
-# ================================================================== ordinary building blocks
+# ============================================================ the ordinary building blocks
 
 
 class Mlp(nn.Module):
@@ -160,7 +163,7 @@ class Head(nn.Module):
         return x.softmax(-1) if self.eval_softmax and not self.training else x
 
 
-# ================================================================== the paper's idea
+# ============================================================ the paper's idea: pooling attention
 # Pooling attention (MViTv1, paper Sec. 3) with MViTv2's decomposed relative positions and residual
 # pooling (Sec. 4.1).
 #
@@ -179,9 +182,9 @@ class Head(nn.Module):
 #      flatten row-major again, put cls back in front, LayerNorm over c. Nq = [1 +] prod(grid / s_Q),
 #      Nk = [1 +] prod(grid / s_KV): the sizes that reach attention
 #   3. E_rel for the grid rows and grid columns (decomposed_rel_pos): per axis, the distance between
-#      query and key position measured in the finer of the two grids (rel_pos_index), looked up in that
-#      axis' table, dotted with the unscaled q; the axes' terms broadcast over the key grid in the same
-#      (t, h, w) row-major order as the pooled keys; the cls row and column get 0
+#      query and key position measured in the finer of the two grids, looked up in that axis' table
+#      (get_rel_pos), dotted with the unscaled q; the axes' terms broadcast over the key grid in the
+#      same (t, h, w) row-major order as the pooled keys; the cls row and column get 0
 #   4. logits = (q * c^-1/2) k^T + E_rel, softmax over the keys, times v
 #   5. residual pooling: Z = Attn + Q on the grid rows (the cls row gets no q)
 #   6. heads merged back to (B, Nq, n*c), output projection
@@ -206,39 +209,39 @@ def attention_pool(x, pool, norm, grid, has_cls):
     return (norm(x) if norm is not None else x), grid
 
 
-def rel_pos_index(q_len, k_len, device=None):
-    """Step 3, one axis: index into an axis table of 2*max(q_len, k_len) - 1 rows for every (query i,
-    key j) pair: idx = i*rq - j*rk + (k_len - 1)*rk with rq = max(k_len/q_len, 1), rk = max(q_len/k_len,
-    1), i.e. the distance h(i) - h(j) measured in the finer grid's units, shifted to start at 0.
-    Returns (q_len, k_len)."""
-    rq, rk = max(k_len / q_len, 1.0), max(q_len / k_len, 1.0)
-    dist = torch.arange(q_len, device=device)[:, None] * rq - torch.arange(k_len, device=device)[None, :] * rk
-    return (dist + (k_len - 1) * rk).long()  # (q_len, k_len), values in [0, 2*max - 2]
+def get_rel_pos(q_size, k_size, rel_pos):
+    """Step 3, one axis: the table rows for every (query i, key j) pair, (q_size, k_size, c):
+        R[i, j] = rel_pos[i * rq - j * rk + (k_size - 1) * rk]  (floor),
+        rq = max(k_size / q_size, 1),  rk = max(q_size / k_size, 1),
+    i.e. the distance h(i) - h(j) measured in the finer grid's units, shifted to start at 0.
+    The table needs 2 * max(q_size, k_size) - 1 rows; one built for another resolution is first
+    linearly resized along its rows (SlowFast and detectron2 do; the image repo has no resizing)."""
+    length = 2 * max(q_size, k_size) - 1
+    if rel_pos.shape[0] != length:
+        rel_pos = F.interpolate(rel_pos.t()[None], size=length, mode="linear")[0].t()  # (L, c) -> (length, c)
+    device = rel_pos.device
+    rq, rk = max(k_size / q_size, 1.0), max(q_size / k_size, 1.0)
+    dist = torch.arange(q_size, device=device)[:, None] * rq - torch.arange(k_size, device=device)[None, :] * rk
+    idx = (dist + (k_size - 1) * rk).long()  # (q_size, k_size), values in [0, 2*max - 2]
+    return rel_pos[idx]  # (q_size, k_size, c)
 
 
-def get_rel_pos(table, length):
-    """The table itself when it has `length` rows, else linearly resized along its rows (SlowFast)."""
-    if table.shape[0] == length:
-        return table
-    t = F.interpolate(table.t()[None], size=length, mode="linear")  # (1, c, L) -> (1, c, length)
-    return t[0].t()  # (length, c)
-
-
-def decomposed_rel_pos(q, q_grid, k_grid, rel_pos_h, rel_pos_w, rel_pos_t=None):
-    """Step 3: E_rel for all (query, key) pairs of the grid tokens: (B, n, Nq, Nk).
-    q: (B, n, Nq, c), the pooled, unscaled queries without the cls token; grids are (T, H, W) with
-    T = 1 for images. E_rel[i, j] = q_i . R^h[idx_h] + q_i . R^w[idx_w] (+ q_i . R^t[idx_t]): one
-    einsum per axis, then broadcast over the other key axes; never a table per pair."""
-    (qt, qh, qw), (kt, kh, kw) = q_grid, k_grid
+def decomposed_rel_pos(q, q_size, k_size, rel_pos_h, rel_pos_w, rel_pos_t=None):
+    """Step 3: E_rel for all (query, key) pairs of the grid tokens: (B, n, Nq, Nk), added to the logits.
+    q: (B, n, Nq, c), the pooled, unscaled queries without the cls token; q_size, k_size are the
+    grids (T, H, W), T = 1 for images. E_rel[i, j] = q_i . R^h[h(i), h(j)] + q_i . R^w[w(i), w(j)]
+    (+ q_i . R^t[t(i), t(j)]): one einsum per axis, then broadcast over the other key axes; never a
+    table per pair."""
+    (qt, qh, qw), (kt, kh, kw) = q_size, k_size
     B, n, _, c = q.shape
-    Rh = get_rel_pos(rel_pos_h, 2 * max(qh, kh) - 1)[rel_pos_index(qh, kh, q.device)]  # (qh, kh, c)
-    Rw = get_rel_pos(rel_pos_w, 2 * max(qw, kw) - 1)[rel_pos_index(qw, kw, q.device)]  # (qw, kw, c)
+    Rh = get_rel_pos(qh, kh, rel_pos_h)  # (qh, kh, c)
+    Rw = get_rel_pos(qw, kw, rel_pos_w)  # (qw, kw, c)
     r_q = q.reshape(B, n, qt, qh, qw, c)  # (B, n, qt, qh, qw, c)
     rel_h = torch.einsum("bnthwc,hkc->bnthwk", r_q, Rh)  # (B, n, qt, qh, qw, kh)
     rel_w = torch.einsum("bnthwc,wkc->bnthwk", r_q, Rw)  # (B, n, qt, qh, qw, kw)
     bias = rel_h[..., None, :, None] + rel_w[..., None, None, :]  # (B, n, qt, qh, qw, 1, kh, kw)
     if rel_pos_t is not None:
-        Rt = get_rel_pos(rel_pos_t, 2 * max(qt, kt) - 1)[rel_pos_index(qt, kt, q.device)]  # (qt, kt, c)
+        Rt = get_rel_pos(qt, kt, rel_pos_t)  # (qt, kt, c)
         rel_t = torch.einsum("bnthwc,tkc->bnthwk", r_q, Rt)  # (B, n, qt, qh, qw, kt)
         bias = bias + rel_t[..., None, None]  # (B, n, qt, qh, qw, kt, kh, kw)
     bias = bias.expand(B, n, qt, qh, qw, kt, kh, kw)
@@ -301,7 +304,7 @@ class MultiScaleAttention(nn.Module):
             bias = F.pad(bias, (s, 0, s, 0)).to(q.dtype)  # (B, n, Nq, Nk)
         if self.use_sdpa:  # step 4
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # Softmax(QK^T/sqrt(d) + E_rel) V
-        else:  # the same with explicit matmuls (so FLOP counters see them)
+        else:  # the same with explicit matmuls, as the official code
             attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, n, Nq, Nk)
             attn = (attn + bias if bias is not None else attn).softmax(-1)
             out = attn @ v  # (B, n, Nq, c)
@@ -352,11 +355,12 @@ class MultiScaleBlock(nn.Module):
         return x + self.drop_path(x_mlp), new_grid
 
 
-# ================================================================== the full model and its presets
+# ============================================================ the full model and its presets
 
 
 def init_weights(m):
-    """The image repo's init: Linear trunc_normal(0.02) with zero bias, LayerNorm weight 1 / bias 0."""
+    """The image repo's init (mvit_model.py MViT._init_weights): Linear trunc_normal(0.02) with zero
+    bias, LayerNorm weight 1 / bias 0; convolutions keep PyTorch's default init."""
     if isinstance(m, nn.Linear):
         nn.init.trunc_normal_(m.weight, std=0.02)
         if m.bias is not None:
@@ -364,6 +368,19 @@ def init_weights(m):
     elif isinstance(m, nn.LayerNorm):
         nn.init.ones_(m.weight)
         nn.init.zeros_(m.bias)
+
+
+def init_weights_video(m):
+    """SlowFast's init for its video MViTv2 (video_model_builder.py MViT._init_weights): Linear AND
+    convolution weights trunc_normal(0.02) (conv biases keep PyTorch's default), Linear and
+    LayerNorm biases 0.02, LayerNorm weight 1."""
+    if isinstance(m, (nn.Linear, nn.Conv2d, nn.Conv3d)):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.constant_(m.bias, 0.02)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.constant_(m.bias, 0.02)
 
 
 class MViT(nn.Module):
@@ -416,7 +433,7 @@ class MViT(nn.Module):
             dim = dim_out
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.head = Head(dim, num_classes, head_dropout, eval_softmax)
-        self.apply(init_weights)
+        self.apply(init_weights_video if video else init_weights)  # SlowFast's for video, the image repo's for images
 
     def forward_features(self, x):
         """(B, 3, [T,] H, W) -> pooled feature (B, D): final LayerNorm, then cls token or token mean."""
@@ -446,19 +463,29 @@ PRESETS = {
 }
 
 
+# The video models (SlowFast configs/Kinetics/MVITv2_S_16x4.yaml, MVITv2_B_32x3.yaml,
+# MVITv2_L_40x3_test.yaml) regularize more than the IN-1K ones: drop path 0.2 / 0.3 / 0.75 and
+# dropout 0.5 before the head (MODEL.DROPOUT_RATE); video L doubles the width inside the attention.
+VIDEO_PRESETS = {"S": dict(drop_path_rate=0.2, head_dropout=0.5), "B": dict(drop_path_rate=0.3, head_dropout=0.5),
+                 "L": dict(drop_path_rate=0.75, head_dropout=0.5, dim_mul_in_att=True)}
+
+
 def create_model(name="tiny", **overrides):
     """A preset with overrides, e.g. create_model("S", video=True, num_frames=16, num_classes=400)
-    is SlowFast's K400 MViTv2-S 16x4. tiny starts its adaptive kv stride at 2 (1x2x2 for video)."""
+    is SlowFast's K400 MViTv2-S 16x4 (with VIDEO_PRESETS' drop path and head dropout). tiny starts
+    its adaptive kv stride at 2 (1x2x2 for video)."""
     if name not in PRESETS:
         C.die(f"--model {name}: unknown preset (choose from {', '.join(PRESETS)})")
     cfg = dict(PRESETS[name])
     if name == "tiny":
         cfg["kv_stride"] = (1, 2, 2) if overrides.get("video") else (2, 2)
+    if overrides.get("video"):
+        cfg.update(VIDEO_PRESETS.get(name, {}))
     cfg.update(overrides)
     return MViT(**cfg)
 
 
-# ================================================================== loss
+# ============================================================ the loss
 
 
 def model_input(x):
@@ -466,13 +493,18 @@ def model_input(x):
     return x.transpose(1, 2) if x.ndim == 5 else x
 
 
-def classification_loss(model, batch, smoothing=0.1):
-    """Cross-entropy with label smoothing (the official recipe also mixes up / cuts and pastes)."""
-    x, y = batch
-    return F.cross_entropy(model(model_input(x)), y, label_smoothing=smoothing)
+def make_loss_fn(args):
+    """loss_fn(model, batch) for C.fit: cross-entropy with --smoothing label smoothing (0.1 as the
+    official configs; the official recipe also mixes up / cuts and pastes)."""
+    smoothing = args.smoothing
+
+    def loss_fn(model, batch):
+        x, y = batch  # (B, 3, [T,] H, W) or clips (B, T, 3, H, W), (B,)
+        return F.cross_entropy(model(model_input(x)), y, label_smoothing=smoothing)
+    return loss_fn
 
 
-# ================================================================== data glue
+# ============================================================ data glue
 
 
 def holds_videos(root):
@@ -501,27 +533,14 @@ def make_data(args, n_train=None, n_val=None):
     return train, val, classes
 
 
-# ================================================================== train, evaluate, bench, smoke
+# ============================================================ train, evaluate, bench, smoke
 
 
-@torch.no_grad()
 def evaluate(model, loader, run):
-    """Held-out top-1 accuracy and the first predictions (for the picture)."""
+    """Held-out top-1 accuracy (counts summed over the ranks under torchrun) and the first 16
+    (input, prediction, label) for the picture."""
     model.eval()
-    correct = total = 0
-    shown = []
-    for x, y in loader:
-        with C.autocast(run):
-            pred = model(model_input(x.to(run.device))).argmax(-1).cpu()
-        correct += (pred == y).sum().item()
-        total += len(y)
-        if len(shown) < 16:
-            shown += list(zip(x[:16 - len(shown)], pred, y))
-    if run.distributed:  # every rank saw its shard of the validation set
-        counts = torch.tensor([correct, total], dtype=torch.float64, device=run.device)
-        torch.distributed.all_reduce(counts)
-        correct, total = counts.tolist()
-    return correct / max(total, 1), shown
+    return C.top1(lambda x: model(model_input(x)), loader, run)
 
 
 def save_picture(path, shown, classes, video):
@@ -541,21 +560,14 @@ def save_picture(path, shown, classes, video):
 
 def load_weights(model, path, run):
     """Our checkpoint.pt or an official .pyth (weights under model_state). 5-D convs with a time axis
-    of 1 are squeezed as the official loader does; a head for another class count is re-initialised."""
+    of 1 are squeezed as the official loader does; a head for another class count is left out and
+    the fresh one kept (C.load_state's new_head)."""
     state = dict(C.unwrap_state(C.load_checkpoint(path)))
     own = model.state_dict()
     for k, v in list(state.items()):
-        if k in own and v.ndim == 5 and own[k].ndim == 4 and v.shape[2] == 1:
-            state[k] = v.squeeze(2)
-    head = ("head.projection.weight", "head.projection.bias")
-    if all(k in state and k in own for k in head) and state[head[0]].shape != own[head[0]].shape:
-        n_ckpt = state[head[0]].shape[0]
-        state = {k: v for k, v in state.items() if k not in head}
-        C.load_state(model, state, path, allow_missing=("head.projection.",))
-        C.log(run, f"{path}: its head has {n_ckpt} classes, this data {own[head[0]].shape[0]}: "
-                   "the head starts from scratch")
-    else:
-        C.load_state(model, state, path)
+        if k in own and isinstance(v, torch.Tensor) and v.ndim == 5 and own[k].ndim == 4 and v.shape[2] == 1:
+            state[k] = v.squeeze(2)  # (C_out, C_in, 1, kh, kw) -> (C_out, C_in, kh, kw)
+    C.load_state(model, state, path, new_head="head.", run=run)
     C.log(run, f"loaded {len(state)} tensors from {path}")
 
 
@@ -597,8 +609,7 @@ def train(args, run):
     val_loader = C.make_loader(val_ds, args, run, train=False)
     acc_init, _ = evaluate(model, val_loader, run)
     loader = C.make_loader(train_ds, args, run, train=True)
-    loss_fn = lambda m, b: classification_loss(m, b, args.smoothing)
-    model, history = C.fit(model, loss_fn, loader, args, run)
+    model, history = C.fit(model, make_loss_fn(args), loader, args, run)
     acc, shown = evaluate(model, val_loader, run)
     if run.is_main:
         pic = save_picture(os.path.join(args.out, "predictions.png"), shown, classes, args.video)
@@ -613,21 +624,16 @@ def smoke(args, run):
                          num_frames=args.num_frames, drop_path_rate=0.0)
     n = min(8, len(train_ds))
     batch = tuple(torch.stack(t) for t in zip(*[train_ds[i] for i in range(n)]))
-    C.smoke(model, lambda m, b: classification_loss(m, b, 0.0), batch, run, steps=25, lr=1e-3)
+    args.smoothing = 0.0  # the smoke test wants a loss that can fall towards 0
+    C.smoke(model, make_loss_fn(args), batch, run, steps=25, lr=1e-3)
 
 
 def gflops(model, x):
-    """Multiply-adds in G (the paper's "FLOPs", as fvcore counts them) of one forward pass, with the
-    attention as explicit matmuls (FLOP counters do not see inside scaled_dot_product_attention)."""
-    for m in model.modules():
-        if isinstance(m, MultiScaleAttention):
-            m.use_sdpa = False
+    """Multiply-adds in G (the paper's "FLOPs", as fvcore counts them: one per multiply-add) of one
+    forward pass. torch's FLOP counter counts the fused attention's two matmuls (q k^T and attn v),
+    the same as the explicit path (use_sdpa = False) gives."""
     with torch.no_grad():
-        flops = C.count_flops(lambda: model(x))
-    for m in model.modules():
-        if isinstance(m, MultiScaleAttention):
-            m.use_sdpa = True
-    return flops / 2 / 1e9
+        return C.count_flops(lambda: model(x)) / 2 / 1e9
 
 
 VIT_S16 = dict(depths=(12,), embed_dim=384, num_heads=6, patch_kernel=(16, 16), patch_stride=(16, 16),
@@ -645,7 +651,7 @@ def bench(args, run):
         with torch.device("meta"):
             return create_model(name, **kw)
 
-    C.log(run, f"MViTv2 at {S}x{S}, GFLOPs = multiply-adds (as the paper), attention counted as matmuls")
+    C.log(run, f"MViTv2 at {S}x{S}, GFLOPs = multiply-adds (as the paper), attention's matmuls included")
     C.log(run, f"{'model':8s} {'params':>9s} {'paper':>7s} {'GFLOPs':>7s} {'paper':>6s}")
     paper = {"T": (24.2, 4.7), "S": (34.9, 7.0), "B": (51.5, 10.2), "L": (218.0, 42.1)}
     worst = 0.0
@@ -660,7 +666,7 @@ def bench(args, run):
     bs = 1 if run.device.type == "cpu" else 32
     x, y = torch.randn(bs, 3, S, S, device=run.device), torch.zeros(bs, dtype=torch.long, device=run.device)
 
-    def step_time(model):
+    def train_step(model):
         model.to(run.device).train()
 
         def step():
@@ -668,23 +674,26 @@ def bench(args, run):
                 loss = F.cross_entropy(model(x), y)
             loss.backward()
             model.zero_grad(set_to_none=True)
-        return C.benchmark(step, run, warmup=1, reps=3 if run.device.type == "cpu" else 10)
+        return step
 
     rows = [("MViTv2-T (kv pooled, adaptive stride 4)", "T", {}),
             ("MViTv2-T without kv pooling (stride 1)", "T", dict(kv_stride=(1, 1))),
             ("ViT-S/16 (cls + abs pos, no pooling)", "T", VIT_S16)]
+    models, steps = {}, {}
+    for label, name, kw in rows:
+        torch.manual_seed(0)
+        models[label] = create_model(name, **kw)
+        steps[label] = train_step(models[label])
+    times = C.time_ab(steps, run, rounds=3 if run.device.type == "cpu" else 10)  # interleaved rounds
     C.log(run, f"\n{'at 224 px, batch ' + str(bs) + ', train step on ' + str(run.device):44s} {'params':>8s} "
                f"{'GFLOPs':>7s} {'step s':>7s}")
     res = []
     for label, name, kw in rows:
         g = gflops(on_meta(name, **kw), meta)
-        torch.manual_seed(0)
-        model = create_model(name, **kw)
-        p = sum(t.numel() for t in model.parameters()) / 1e6
-        t = step_time(model)
-        res.append((p, g, t))
-        C.log(run, f"{label:44s} {p:7.2f}M {g:7.2f} {t:7.3f}")
-        del model
+        p = sum(t.numel() for t in models[label].parameters()) / 1e6
+        res.append((p, g, times[label]))
+        C.log(run, f"{label:44s} {p:7.2f}M {g:7.2f} {times[label]:7.3f}")
+    del models, steps
     gb = gflops(on_meta("B"), meta)
     gvb = gflops(on_meta("T", **dict(VIT_S16, embed_dim=768, num_heads=12)), meta)
     C.log(run, f"{'MViTv2-B vs ViT-B/16 (FLOPs only)':44s} {'':8s} {gb:7.2f} vs {gvb:.2f} = {gb / gvb:.2f}x")
@@ -696,7 +705,16 @@ def bench(args, run):
                f"at {p0 / p2:.2f}x params; T/S/B params and GFLOPs within {100 * worst:.1f}% of the paper")
 
 
-# ================================================================== command line
+# ============================================================ command line
+
+
+def settle(args):
+    """The defaults that depend on other flags: --video when --data holds videos, the epochs."""
+    if args.data is not None and not args.video and not args.bench:
+        args.video = holds_videos(args.data)
+    if args.epochs is None:
+        args.epochs = 10 if args.video else 15
+    return args
 
 
 def main(argv=None):
@@ -712,16 +730,12 @@ def main(argv=None):
                         "default: the preset's, 2 2 for tiny images, 4 4 for T/S/B/L)")
     p.add_argument("--no_rel_pos", action="store_true", help="no decomposed relative positions (MViTv1-like)")
     p.add_argument("--no_residual_pooling", action="store_true", help="no residual pooling connection")
-    args = p.parse_args(argv)
-    if args.data is not None and not args.video and not args.bench:
-        args.video = holds_videos(args.data)
-    if args.epochs is None:
-        args.epochs = 10 if args.video else 15
+    args = settle(p.parse_args(argv))
     run = C.init_run(args)
-    if args.bench:
-        return bench(args, run)
     if args.smoke:
         return smoke(args, run)
+    if args.bench:
+        return bench(args, run)
     return train(args, run)
 
 

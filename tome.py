@@ -16,8 +16,10 @@ r=16 roughly doubles it) at a small accuracy cost, and r = 0 is exactly the plai
 
 What this file reproduces in miniature: a tiny ViT is trained on the built-in synthetic shapes
 (optionally with ToMe on during training, `--r`), then evaluated off-the-shelf for several r:
-accuracy and images/s per r (metrics.json key `tome`), and a picture of the merge groups at the
-last layer (each group painted with its mean colour and outlined, like the paper's Figure 4):
+accuracy, images/s and the speed-up over r = 0 per r (metrics.json key `tome`; the r values are
+timed in interleaved rounds, so the ratios are fair on a busy machine), and a picture of the
+merge groups at the last layer (each group painted with its mean colour and outlined, like the
+paper's Figure 4):
 the background collapses into a few big tokens while the shape keeps its own. `--bench`
 measures the paper's claim at full size: ViT-B/16 with r=16 (and ViT-L/16 with r=8 on a GPU or
 with --model large), throughput with and without ToMe plus the FLOP ratio, counted and from
@@ -92,8 +94,8 @@ Exercises (set one by blanking the function's body; the command grades it):
    schedule that set those token counts:
    Grade: `python -m pytest tests/test_tome.py -k "removes_min_r or schedules"`
 """
+import argparse
 import math
-import statistics
 
 import torch
 import torch.nn as nn
@@ -102,9 +104,7 @@ import torch.nn.functional as F
 import common as C
 
 
-# ------------------------------------------------------------------------------------------------
-# Ordinary ViT building blocks (timm names)
-# ------------------------------------------------------------------------------------------------
+# ============================================================ the ordinary building blocks: timm names
 
 class PatchEmbed(nn.Module):
     """Cut the image into p x p patches and project each one to D channels (a strided conv)."""
@@ -159,9 +159,27 @@ class Attention(nn.Module):
         return self.proj(x), k.mean(1)  # step 2: (B, N, D), metric (B, N, d)
 
 
-# ------------------------------------------------------------------------------------------------
-# The paper's idea: bipartite soft matching, size-weighted merging, the r schedule
-# ------------------------------------------------------------------------------------------------
+def get_2d_sincos_pos_embed(embed_dim, grid_size, cls_token=False):
+    """MAE's fixed 2-D sin-cos position table (used here as the initial value of pos_embed), float32
+    (grid_h * grid_w [+ 1 zero row first when cls_token], embed_dim); grid_size an int or (grid_h, grid_w).
+    Token (row i, column j) gets [PE(j), PE(i)]: the first half of the channels encodes the column,
+    the second half the row, each PE(p) = [sin(p w_k) for k < D/4] ++ [cos(p w_k) for k < D/4],
+    w_k = 10000^(-k / (D / 4))."""
+    grid_h, grid_w = (grid_size, grid_size) if isinstance(grid_size, int) else grid_size
+    omega = 1.0 / 10000 ** (torch.arange(embed_dim // 4) / (embed_dim // 4))  # (D/4,)
+    ys, xs = torch.meshgrid(torch.arange(grid_h), torch.arange(grid_w), indexing="ij")  # (gh, gw) each
+
+    def encode(p):
+        angles = p.flatten().float()[:, None] * omega[None]  # (L, D/4)
+        return torch.cat([angles.sin(), angles.cos()], dim=1)  # (L, D/2)
+
+    emb = torch.cat([encode(xs), encode(ys)], dim=1)  # (L, D): column half, then row half
+    if cls_token:
+        emb = torch.cat([torch.zeros(1, embed_dim), emb], dim=0)  # (1 + L, D): the cls row is zero
+    return emb.float()
+
+
+# ============================================================ the paper's idea: merging similar tokens
 #
 # In every block, between the attention and the MLP (Sec. 3; official tome/merge.py, patch/timm.py):
 #   1. attention over T tokens of sizes s: softmax(q k^T / sqrt(d) + log s) v, the log of each
@@ -245,10 +263,6 @@ def parse_r(num_layers, r):
     return [int(lo + step * i) for i in range(num_layers)]
 
 
-# ------------------------------------------------------------------------------------------------
-# The ViT with ToMe inside the block
-# ------------------------------------------------------------------------------------------------
-
 class Block(nn.Module):
     """Pre-norm transformer block with ToMe between attention and MLP:
     x = x + Attn(LN1(x)); (x, s) = merge_wavg(x, s) with r tokens removed; x = x + MLP(LN2(x))."""
@@ -274,16 +288,8 @@ class Block(nn.Module):
         return x, size, source
 
 
-def sincos_2d(grid, dim):
-    """MAE's fixed 2-D sin-cos position table (used here as the initial value of pos_embed):
-    half the channels encode the row, half the column, each as [sin(p w_k), cos(p w_k)],
-    w_k = 10000^(-k / (dim / 4))."""
-    omega = 1.0 / 10000 ** (torch.arange(dim // 4) / (dim // 4))  # (dim/4,)
-    ys, xs = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")  # (g, g) each
-    def encode(p):
-        angles = p.flatten().float()[:, None] * omega[None]  # (L, dim/4)
-        return torch.cat([angles.sin(), angles.cos()], dim=1)  # (L, dim/2)
-    return torch.cat([encode(xs), encode(ys)], dim=1)  # (L, dim)
+
+# ============================================================ the full model and its presets
 
 
 class VisionTransformer(nn.Module):
@@ -310,7 +316,7 @@ class VisionTransformer(nn.Module):
 
     def init_weights(self):  # Linear trunc_normal(0.02), LN (1, 0); positions as MAE: 2-D sin-cos
         with torch.no_grad():
-            self.pos_embed[0, 1:] = sincos_2d(self.patch_embed.grid, self.pos_embed.shape[-1])
+            self.pos_embed[0] = get_2d_sincos_pos_embed(self.pos_embed.shape[-1], self.patch_embed.grid, cls_token=True)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         for m in self.modules():
             if isinstance(m, nn.Linear):
@@ -365,6 +371,9 @@ PRESETS = {
 }
 # README / paper's r per model; mae_tiny (4 blocks) 12, which leaves 17 of 65 tokens, as r = 8 does in tiny's 6
 PAPER_R = {"tiny": 8, "mae_tiny": 12, "small": 13, "base": 16, "large": 8}
+SWEEP_FRACTIONS = (0, 0.25, 0.5, 0.75, 1.0, 1.25)  # the default r sweep: these fractions of PAPER_R
+# the tiny recipe (python tome.py): sized to train within about a minute on 2 CPU cores
+DEFAULT_EPOCHS, DEFAULT_BATCH, DEFAULT_LR = 10, 32, 1e-3
 
 
 def create_model(name="tiny", **overrides):
@@ -396,20 +405,18 @@ def analytic_flops(model, schedule):
     return 2 * macs
 
 
-# ------------------------------------------------------------------------------------------------
-# Loss
-# ------------------------------------------------------------------------------------------------
+# ============================================================ the loss
 
-def make_loss(smoothing):
-    def loss_fn(model, batch):  # plain supervised classification (ToMe adds no loss term)
-        images, labels = batch
-        return F.cross_entropy(model(images), labels, label_smoothing=smoothing)
+def make_loss_fn(args):
+    """The function handed to C.fit: plain supervised cross-entropy with label smoothing (ToMe adds
+    no loss term; merging during training, --r, only changes the forward)."""
+    def loss_fn(model, batch):
+        images, labels = batch  # (B, 3, S, S), (B,)
+        return F.cross_entropy(model(images), labels, label_smoothing=args.smoothing)
     return loss_fn
 
 
-# ------------------------------------------------------------------------------------------------
-# Data glue and pictures
-# ------------------------------------------------------------------------------------------------
+# ============================================================ data glue: the merge picture
 
 @torch.no_grad()
 def merge_picture(model, images, r):
@@ -438,29 +445,18 @@ def merge_picture(model, images, r):
     return torch.where(edge[:, None], outline, painted), pix, T
 
 
-# ------------------------------------------------------------------------------------------------
-# Train, evaluate, bench, smoke
-# ------------------------------------------------------------------------------------------------
+# ============================================================ train, evaluate, bench, smoke
 
 def r_spec(r, inflect):
+    """The schedule handed to the model: an int r, or the official (r, inflect) pair."""
     return (r, inflect) if inflect else r
 
 
 @torch.no_grad()
-def evaluate(model, loader, run, r):
-    """Top-1 accuracy with schedule r (summed over ranks under torchrun)."""
+def evaluate(model, loader, r, run):
+    """Held-out top-1 accuracy with merge schedule r (C.top1: counts summed over ranks under torchrun)."""
     model.eval()
-    hits, total = 0, 0
-    for images, labels in loader:
-        with C.autocast(run):
-            logits = model(images.to(run.device), r=r)  # (B, classes)
-        hits += (logits.argmax(-1).cpu() == labels).sum().item()
-        total += len(labels)
-    if run.distributed:
-        counts = torch.tensor([hits, total], dtype=torch.float64, device=run.device)
-        torch.distributed.all_reduce(counts)
-        hits, total = counts.tolist()
-    return hits / max(total, 1)
+    return C.top1(lambda images: model(images, r=r), loader, run)[0]
 
 
 def forward_fn(model, images, run, r):
@@ -474,24 +470,25 @@ def forward_fn(model, images, run, r):
     return step
 
 
-def throughput(model, images, run, r, warmup=1, reps=3):
-    """Images per second of the forward pass (median of reps after warm-up)."""
-    return len(images) / C.benchmark(forward_fn(model, images, run, r), run, warmup=warmup, reps=reps)
+def images_per_s(model, images, run, schedules, rounds=5):
+    """{key: images per second of the forward pass} for every schedule in the dict `schedules`,
+    timed in interleaved rounds (C.time_ab) so that a shared machine's drift hits every r alike."""
+    fns = {key: forward_fn(model, images, run, spec) for key, spec in schedules.items()}
+    return {key: len(images) / s for key, s in C.time_ab(fns, run, rounds=rounds, warmup=1).items()}
 
 
-# --- small helper (plumbing common.py lacks): torch's FLOP counter sees no FLOPs inside the fused
-# CPU attention kernel (aten._scaled_dot_product_flash_attention_for_cpu), so add them by hand ---
 @torch.no_grad()
 def counted_flops(model, images, r):
-    """FLOPs of one forward, counted by C.count_flops (which also counts the fused attention on CPU)."""
+    """FLOPs of one forward, counted by torch's FLOP counter (C.count_flops, fused attention included)."""
     model.eval()
     return C.count_flops(lambda: model(images, r=r))
 
 
 def bench(args, run):
-    """The paper's claim at full size: throughput of ViT-B/16 (r = 16) and ViT-L/16 (r = 8) with
-    and without ToMe, on random images, eval mode, no grad, after warm-up; the two models are
-    timed in alternating rounds (fair on a shared machine) and the median is reported."""
+    """The paper's claim at full size: images/s of ViT-B/16 with r = 16 (and ViT-L/16 with r = 8 on
+    a GPU or with --model large) against the same model without merging, on random images, eval
+    mode, no grad, timed in interleaved rounds (C.time_ab), with the FLOP ratio counted and from the
+    formula. No CPU fallback is needed: ViT-B at batch 8 runs in seconds on one core."""
     cuda = run.device.type == "cuda"
     if args.model != "tiny" or args.weights:
         names = [args.model]
@@ -504,28 +501,22 @@ def bench(args, run):
         S = PRESETS[name]["img_size"] if args.input_size is None else args.input_size
         model, acc = create_model(name, img_size=S, prop_attn=not args.no_prop_attn), {}
         if args.weights:
-            model = model_from_weights(args, name, S, args.weights)
+            model = model_from_weights(args, name, S, args.weights, run)
             if args.data:  # accuracy beside the speed when a model and data are given
                 args.input_size = S
                 _, val_ds, _ = C.image_data(args)
                 loader = C.make_loader(val_ds, args, run, train=False)
-                acc = {rr: evaluate(model.to(run.device), loader, run, rr) for rr in (0, r)}
+                acc = {rr: evaluate(model.to(run.device), loader, rr, run) for rr in (0, r)}
         model = model.to(run.device).eval()
         x = torch.randn(batch, 3, S, S, device=run.device)
-        seconds = {0: [], r: []}
-        for i in range(args.bench_rounds):  # alternate plain / ToMe so both see the same load
-            for rr in seconds:
-                step = forward_fn(model, x, run, rr)
-                seconds[rr].append(C.benchmark(step, run, warmup=1 if i == 0 else 0, reps=2))
-        one = x[:1]
-        for rr in seconds:
-            ims = len(x) / statistics.median(seconds[rr])  # images / s
+        ims = images_per_s(model, x, run, {0: 0, r: r}, rounds=args.bench_rounds)
+        for rr in (0, r):
             sched = parse_r(len(model.blocks), rr)
             label = f"ViT-{name[0].upper()}/{PRESETS[name]['patch_size']}"
             rows.append(dict(model=label, r=rr, batch=batch,
                              tokens=token_counts(model.pos_embed.shape[1], sched)[-1],
-                             gflops=counted_flops(model, one, rr) / 1e9,
-                             analytic=analytic_flops(model, sched) / 1e9, ims=ims, acc=acc.get(rr)))
+                             gflops=counted_flops(model, x[:1], rr) / 1e9,
+                             analytic=analytic_flops(model, sched) / 1e9, ims=ims[rr], acc=acc.get(rr)))
         b, t = rows[-2], rows[-1]
         summary.append(f"{b['model']} r={r} {t['ims'] / b['ims']:.2f}x throughput "
                        f"({b['ims']:.1f} -> {t['ims']:.1f} im/s), FLOPs {b['gflops'] / t['gflops']:.2f}x "
@@ -545,82 +536,61 @@ def bench(args, run):
 
 
 def smoke(args, run):
-    """A few steps on 16 synthetic images with ToMe on during training (r = 4)."""
-    S = args.input_size
+    """A few steps on 16 synthetic images with ToMe on during training (r = 4 unless --r)."""
+    S = args.input_size or PRESETS[args.model]["img_size"]
     data = C.shapes_images(16, S, seed=0)
     batch = (C.normalize(data["images"]), data["labels"])  # (16, 3, S, S), (16,)
     model = create_model(args.model, img_size=S, num_classes=len(C.CLASSES), r=args.r or 4)
-    C.smoke(model, make_loss(0.0), batch, run, steps=30)
+    C.smoke(model, make_loss_fn(args), batch, run, steps=30)
 
 
-# ------------------------------------------------------------------------------------------------
-# main
-# ------------------------------------------------------------------------------------------------
+def load_weights(model, path, run=None):
+    """Our checkpoint or an official DeiT / AugReg / MAE fine-tuned file, loaded strictly (a missing,
+    extra or wrongly shaped key is one line naming the keys); a head for another class count is
+    left out and the model's fresh one kept (C.load_state new_head), for training on new classes."""
+    C.load_state(model, C.unwrap_state(C.load_checkpoint(path)), path, new_head="head.", run=run)
 
-def model_from_weights(args, name, img_size, path):
-    """A model shaped like the checkpoint (class count from `head`, global pool iff `fc_norm`),
-    loaded strictly: a missing, extra or wrongly shaped key is one line naming the keys."""
+
+def model_from_weights(args, name, img_size, path, run=None, num_classes=None):
+    """A model shaped like the checkpoint (global pool iff `fc_norm`; the class count from `head`
+    unless num_classes is given) with the file's weights (load_weights)."""
     state = C.unwrap_state(C.load_checkpoint(path))
-    if not isinstance(state, dict) or "head.weight" not in state:
+    if "head.weight" not in state:
         C.die(f"{path}: not a ViT classifier checkpoint (no head.weight)")
-    model = create_model(name, img_size=img_size, num_classes=state["head.weight"].shape[0],
+    model = create_model(name, img_size=img_size, num_classes=num_classes or state["head.weight"].shape[0],
                          global_pool="fc_norm.weight" in state, drop_path_rate=args.drop_path,
                          r=r_spec(args.r, args.inflect), prop_attn=not args.no_prop_attn)
-    C.load_state(model, state, path)
+    load_weights(model, path, run)
     return model
 
 
-def main(argv=None):
-    parser = C.make_parser("tome", __doc__, presets=PRESETS, epochs=None, batch_size=32, input_size=None,
-                           lr=1e-3, warmup_epochs=1)
-    parser.add_argument("--r", "--tome_r", dest="r", type=int, default=0,  # --tome_r under torchrun
-                        help="tokens merged per block in training (0: plain ViT); in --bench: the r timed")
-    parser.add_argument("--inflect", type=float, default=0.0,
-                        help="r schedule (official parse_r): 0 constant, -1 decreasing 2r -> 0")
-    parser.add_argument("--r_eval", default=None,
-                        help="comma-separated r values to evaluate (default: 0 to 1.25 x the paper's r)")
-    parser.add_argument("--no_prop_attn", action="store_true",
-                        help="no proportional attention (README: for off-the-shelf MAE models)")
-    parser.add_argument("--cls_token", action="store_true",
-                        help="classify from the class token + norm (DeiT) instead of the size-weighted "
-                             "global pool + fc_norm (MAE fine-tuning's default, --global_pool)")
-    parser.add_argument("--drop_path", type=float, default=0.0, help="stochastic depth rate")
-    parser.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
-    parser.add_argument("--bench_batch", type=int, default=None, help="default 8 on CPU, 256 on GPU")
-    parser.add_argument("--bench_rounds", type=int, default=3, help="--bench alternating timing rounds")
-    args = parser.parse_args(argv)
-    if args.model not in PRESETS:
-        C.die(f"unknown --model {args.model!r}; choose one of {', '.join(PRESETS)}")
-    if args.r < 0:
-        C.die(f"--r must be >= 0, got {args.r}")
-    try:
-        sweep = [int(v) for v in args.r_eval.split(",")] if args.r_eval else \
-            sorted({round(PAPER_R[args.model] * f) for f in (0, 0.25, 0.5, 0.75, 1.0, 1.25)})
-    except ValueError:
-        sweep = [-1]
-    if min(sweep) < 0:
-        C.die(f"--r_eval must be comma-separated integers >= 0, got {args.r_eval!r}")
-    run = C.init_run(args, patch_size=PRESETS[args.model]["patch_size"])  # checks a given --input_size
-    if args.bench:
-        return bench(args, run)
-    if args.input_size is None:
-        args.input_size = PRESETS[args.model]["img_size"]
-    if args.smoke:
-        return smoke(args, run)
-    if args.epochs is None:  # --weights alone: evaluate the released model off the shelf
-        args.epochs = 0 if args.weights else 10
+def r_sweep(args):
+    """The r values evaluated after training: --r_eval, or 0 to 1.25 x the paper's r for the model."""
+    if args.r_eval:
+        return args.r_eval
+    return sorted({round(PAPER_R[args.model] * f) for f in SWEEP_FRACTIONS})
 
+
+def train(args, run):
+    """Train (or, with --weights and no --epochs, just load) the classifier, then evaluate the same
+    weights off the shelf for every r of the sweep: accuracy, images/s, tokens left; the picture."""
+    args.input_size = args.input_size or PRESETS[args.model]["img_size"]
+    if args.epochs is None:  # --weights alone: evaluate the released model off the shelf
+        args.epochs = 0 if args.weights else DEFAULT_EPOCHS
     train_ds, val_ds, classes = C.image_data(args)
     if not classes:
         C.die(f"{args.data}: tome.py trains a classifier: it needs class folders (DIR/<class>/*.jpg)")
     if args.weights:
-        model = model_from_weights(args, args.model, args.input_size, args.weights)
+        model = model_from_weights(args, args.model, args.input_size, args.weights, run)
         if model.head.out_features != len(classes):
             msg = (f"{args.weights}: its head has {model.head.out_features} classes, the data "
                    f"{len(classes)} ({args.data or 'synthetic shapes'})")
-            if args.epochs > 0 or model.head.out_features < len(classes):
+            if args.epochs > 0:  # training on these classes: a fresh head of the right size
+                model = model_from_weights(args, args.model, args.input_size, args.weights, run, len(classes))
+            elif model.head.out_features < len(classes):
                 C.die(msg)
-            C.log(run, f"warning: {msg}; accuracy assumes the sorted folder names are its classes")
+            else:
+                C.log(run, f"warning: {msg}; accuracy assumes the sorted folder names are its classes")
     else:
         model = create_model(args.model, img_size=args.input_size, num_classes=len(classes),
                              global_pool=not args.cls_token, drop_path_rate=args.drop_path,
@@ -629,25 +599,27 @@ def main(argv=None):
     history = dict(losses=[], steps=0, seconds=0.0, epoch=0)
     if args.epochs > 0 or args.resume:
         loader = C.make_loader(train_ds, args, run, train=True)
-        model, history = C.fit(model, make_loss(args.smoothing), loader, args, run)
+        model, history = C.fit(model, make_loss_fn(args), loader, args, run)
 
     # Evaluation off the shelf: the same weights with r tokens merged per block, for every r.
     val_loader = C.make_loader(val_ds, args, run, train=False)
     images, labels = next(iter(val_loader))  # one batch, for throughput and the picture
     images = images.to(run.device)
     T0 = model.pos_embed.shape[1]
+    sweep = r_sweep(args)
+    specs = {r: r_spec(r, args.inflect) for r in sweep}
+    speed = images_per_s(model, images, run, specs)
     table = []
     for r in sweep:
-        spec = r_spec(r, args.inflect)
-        row = dict(r=r, acc=evaluate(model, val_loader, run, spec),
-                   images_per_s=throughput(model, images, run, spec),
-                   tokens=token_counts(T0, parse_r(len(model.blocks), spec))[-1])
+        row = dict(r=r, acc=evaluate(model, val_loader, specs[r], run), images_per_s=speed[r],
+                   speedup=speed[r] / speed.get(0, speed[sweep[0]]),
+                   tokens=token_counts(T0, parse_r(len(model.blocks), specs[r]))[-1])
         table.append(row)
-        C.log(run, f"r={r:3d}  acc {row['acc']:.4f}  {row['images_per_s']:8.1f} im/s  "
+        C.log(run, f"r={r:3d}  acc {row['acc']:.4f}  {row['images_per_s']:8.1f} im/s ({row['speedup']:.2f}x)  "
                    f"tokens {T0} -> {row['tokens']}")
     acc = next((row["acc"] for row in table if row["r"] == 0), None)
     if acc is None:
-        acc = evaluate(model, val_loader, run, 0)
+        acc = evaluate(model, val_loader, 0, run)
 
     if run.is_main:  # the picture: merge groups at the last layer, like the paper's Figure 4
         r_pic = args.r or PAPER_R[args.model]
@@ -660,8 +632,56 @@ def main(argv=None):
             texts.append([f"r={r}: {T} tokens"] * len(shown))
         path = C.save_grid(f"{args.out}/merging.png", rows, texts)
         C.log(run, f"picture: {path}")
-    C.write_metrics(args, run, history, acc=acc, tome=table, r_train=args.r,
-                    prop_attn=not args.no_prop_attn)
+    return C.write_metrics(args, run, history, acc=acc, tome=table, r_train=args.r,
+                           prop_attn=not args.no_prop_attn)
+
+
+# ============================================================ command line
+
+def r_value(text):
+    """--r: a whole number of tokens merged per block, >= 0."""
+    try:
+        r = int(text)
+    except ValueError:
+        r = -1
+    if r < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return r
+
+
+def r_list(text):
+    """--r_eval: comma-separated whole numbers >= 0."""
+    try:
+        return [r_value(v) for v in text.split(",")]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers >= 0, got {text!r}") from None
+
+
+def main(argv=None):
+    parser = C.make_parser("tome", __doc__, presets=PRESETS, epochs=None, batch_size=DEFAULT_BATCH,
+                           input_size=None, lr=DEFAULT_LR, warmup_epochs=1)
+    parser.add_argument("--r", "--tome_r", dest="r", type=r_value, default=0,  # --tome_r under torchrun
+                        help="tokens merged per block in training (0: plain ViT); in --bench: the r timed")
+    parser.add_argument("--inflect", type=float, default=0.0,
+                        help="r schedule (official parse_r): 0 constant, -1 decreasing 2r -> 0")
+    parser.add_argument("--r_eval", type=r_list, default=None,
+                        help="comma-separated r values to evaluate (default: 0 to 1.25 x the paper's r)")
+    parser.add_argument("--no_prop_attn", action="store_true",
+                        help="no proportional attention (README: for off-the-shelf MAE models)")
+    parser.add_argument("--cls_token", action="store_true",
+                        help="classify from the class token + norm (DeiT) instead of the size-weighted "
+                             "global pool + fc_norm (MAE fine-tuning's default, --global_pool)")
+    parser.add_argument("--drop_path", type=float, default=0.0, help="stochastic depth rate")
+    parser.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
+    parser.add_argument("--bench_batch", type=int, default=None, help="default 8 on CPU, 256 on GPU")
+    parser.add_argument("--bench_rounds", type=int, default=5, help="--bench interleaved timing rounds")
+    args = parser.parse_args(argv)
+    run = C.init_run(args, patch_size=PRESETS[args.model]["patch_size"])  # checks a given --input_size
+    if args.smoke:
+        return smoke(args, run)
+    if args.bench:
+        return bench(args, run)
+    return train(args, run)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,9 @@ attention, ViTDet (window + 4 global) and all-window attention.
 Outputs in --out: checkpoint.pt, metrics.json (ap, ap50, ap75), detections.json (COCO results:
 image_id, category_id, bbox [x, y, w, h] in the original image's pixels, score), detections.png
 (held-out images: ground truth above, predictions with label and score below) and, for the
-synthetic data, val_annotations.json (the held-out ground truth in COCO format).
+synthetic data, val_annotations.json (the held-out ground truth in COCO format). The held-out
+figures cover at most --eval_max images (2000 by default, a fixed subsample of a larger set; 0: all).
+Under torchrun every rank detects on its share of them and rank 0 computes the AP on the whole.
 
 Weights (--weights PATH, read with torch.load(weights_only=True)):
   * an MAE encoder: the official mae_pretrain_vit_{base,large}.pth ({"model": {cls_token, pos_embed,
@@ -63,9 +65,8 @@ Departures from the official implementation, and why:
     the backbone and the pyramid. We use detectron2's FCOS head instead (anchor-free, one stage:
     two towers of conv + GN + ReLU shared across levels (4 x 256 channels as detectron2; 1 x 64 in
     the tiny presets, whose pyramid is 64 channels wide, not 256), classification with sigmoid
-    focal loss, ltrb box
-    regression normalized by the stride with GIoU loss, centerness with BCE; names `head.*` as
-    detectron2's FCOSHead). Differences from detectron2's FCOS: the loss normalizer is the number of
+    focal loss, ltrb box regression normalized by the stride with GIoU loss, centerness with BCE;
+    names `head.*` as detectron2's FCOSHead). Differences from detectron2's FCOS: the loss normalizer is the number of
     positives in the batch (not an EMA of it), point centres sit at (i + 0.5) * stride as in the
     FCOS paper, and the score threshold for evaluation is 0.05 (0.2 in the D2 config; a lower
     threshold can only raise AP). No masks, so there is no mask AP.
@@ -78,18 +79,24 @@ Departures from the official implementation, and why:
     a pre-trained backbone: 0.7 / 0.8 / 0.9 are the defaults of base / large / huge, mae_tiny 0.7;
     --layer_decay sets it). Drop path 0.1 / 0.4 / 0.5 for base / large / huge as the paper, 0 for
     the tiny models.
-  * COCO AP is computed here (pycocotools is not a dependency) exactly as pycocotools does for
-    boxes with area "all" and 100 detections per image; crowd annotations are not treated apart.
-  * Not departures: the layer-wise lr decay and the weight-decay exceptions are the paper's: wd 0 for the ViT's
-    nn.LayerNorm parameters, GroupNorm in the head and pos_embed; biases, rel_pos tables and the
-    pyramid's channel LayerNorms keep weight decay (detectron2 only exempts torch norm classes).
+  * COCO AP is computed here (pycocotools is not a dependency) as pycocotools' cocoeval.py does
+    for boxes with area "all" and 100 detections per image (evaluateImg's greedy matching, of two
+    equal IoUs the later ground truth; accumulate's precision tp / (tp + fp + eps), so a perfect AP
+    reads 1 - 2e-16); crowd annotations are not treated apart.
+  * Not departures: the layer-wise lr decay and the weight-decay exceptions are the configs', per
+    preset: base, large (and the tiny presets) give wd 0 to the ViT's nn.LayerNorm parameters, the
+    head's GroupNorm and pos_embed; huge decays them all (mask_rcnn_vitdet_h_75ep.py: overrides {},
+    weight_decay_norm None); biases, rel_pos tables and the pyramid's channel LayerNorms keep weight
+    decay in every preset (detectron2 only exempts torch norm classes). Inference takes the top 1000
+    candidates on each pyramid level, then NMS over the levels together, as detectron2's FCOS.
   * No activation checkpointing and no fp16 DDP gradient compression.
 
 Exercises (set one by blanking the function's body; the command grades it):
 1. Re-implement `window_partition` and `window_unpartition` (Sec. 3 "Backbone adaptation":
-   non-overlapping windows without shifting; steps 3 and 5 of the reading map in section 2: zero-pad
-   the LN1 output at the bottom/right to a multiple of w, cut it into w x w windows in row-major
-   order, and after the attention put every token back in its own slot and crop the padding).
+   non-overlapping windows without shifting; steps 3 and 5 of the reading map in the paper's-idea
+   section: zero-pad the LN1 output at the bottom/right to a multiple of w, cut it into w x w
+   windows in row-major order, and after the attention put every token back in its own slot and
+   crop the padding).
    The tests also check where the model uses them: a block on a padded non-square map against a
    loop over windows, and the global blocks at the paper's indices (2, 5, 8, 11 for ViT-B).
    Grade: `python -m pytest tests/test_vitdet.py -k "window"`
@@ -133,9 +140,7 @@ import torch.nn.functional as F
 
 import common as C
 
-# =================================================================================================
-# 1. Ordinary building blocks
-# =================================================================================================
+# ============================================================ the ordinary building blocks
 
 
 class DropPath(nn.Module):
@@ -208,12 +213,7 @@ def msra_fill(conv):
         nn.init.zeros_(conv.bias)
 
 
-# =================================================================================================
-# 2. The paper's idea: a plain ViT made into a detection backbone
-#    (a) window attention without shift, padded after LN1, (b) a few global / conv propagation
-#    blocks, (c) absolute positions of pre-training size resized every forward, (d) decomposed
-#    relative positions, (e) the simple feature pyramid from the last map.
-# =================================================================================================
+# ============================================================ the paper's idea: a plain ViT as a detection backbone
 #
 # Reading map: one image through the backbone (ViT-B at 1024, detectron2's order; `# step N` below)
 #   1. patch embedding: (B, 3, 1024, 1024) -> a (B, 64, 64, C) map; no cls token    PatchEmbed
@@ -275,9 +275,11 @@ def get_abs_pos(abs_pos, has_cls_token, hw):
 
 
 def get_rel_pos(q_size, k_size, rel_pos):
-    """Relative-position embeddings R[i, j] = rel_pos[i - j + (k - 1)] for one axis, (q, k, C).
-    The table has 2 * max(q, k) - 1 rows; a table of another length is linearly interpolated (a
-    global block trained at 1024 used at another size, or a checkpoint of another size)."""
+    """Step 4, one axis: the table rows for every (query i, key j) pair, (q_size, k_size, C):
+        R[i, j] = rel_pos[i * rq - j * rk + (k_size - 1) * rk],  rq = max(k_size / q_size, 1), rk = max(q_size / k_size, 1)
+    (detectron2's get_rel_pos; in ViTDet q_size = k_size, so R[i, j] = rel_pos[i - j + k_size - 1]).
+    The table needs 2 * max(q_size, k_size) - 1 rows; one of another length is linearly interpolated
+    (a global block trained at 1024 used at another size, or a checkpoint of another size)."""
     n = 2 * max(q_size, k_size) - 1
     if rel_pos.shape[0] != n:
         rel_pos = F.interpolate(rel_pos.t()[None], size=n, mode="linear")[0].t()  # (n, C)
@@ -287,11 +289,11 @@ def get_rel_pos(q_size, k_size, rel_pos):
     return rel_pos[rel.long()]  # (q, k, C)
 
 
-def decomposed_rel_pos(q, rel_pos_h, rel_pos_w, q_size, k_size):
+def decomposed_rel_pos(q, q_size, k_size, rel_pos_h, rel_pos_w):
     """MViTv2's decomposed relative position term, the bias added to the attention logits:
         E[(i_h, i_w), (j_h, j_w)] = q_(i_h, i_w) . R^h[i_h - j_h] + q_(i_h, i_w) . R^w[i_w - j_w]
     q: (B, N, C) with N = q_h * q_w, NOT multiplied by the 1/sqrt(d) scale (as in the official
-    code). Returns the bias (B, q_h * q_w, k_h * k_w)."""
+    code); q_size, k_size: the grids (h, w). Returns the bias (B, q_h * q_w, k_h * k_w)."""
     (q_h, q_w), (k_h, k_w) = q_size, k_size
     Rh = get_rel_pos(q_h, k_h, rel_pos_h)  # (q_h, k_h, C)
     Rw = get_rel_pos(q_w, k_w, rel_pos_w)  # (q_w, k_w, C)
@@ -306,8 +308,9 @@ def decomposed_rel_pos(q, rel_pos_h, rel_pos_w, q_size, k_size):
 class Attention(nn.Module):
     """Multi-head self-attention on a (B, H, W, C) map (a whole image or one window), with the
     decomposed relative positions: softmax((q / sqrt(d)) k^T + E_rel) v.
-    Through F.scaled_dot_product_attention; `explicit = True` writes the matmuls out (the --bench
-    FLOP / memory count needs them: FLOP counters do not see inside a fused kernel)."""
+    Through F.scaled_dot_product_attention; `explicit = True` writes the matmuls out as detectron2's
+    Attention does, so that --bench counts the activation memory the official code has (the N x N
+    attention matrices saved for backward: what the windows save) and its FLOPs as fvcore does."""
 
     explicit = False
 
@@ -331,7 +334,7 @@ class Attention(nn.Module):
         bias = None
         if self.use_rel_pos:
             q_ = q.reshape(B * nh, H * W, -1)  # (B*nh, N, d), the unscaled q
-            bias = decomposed_rel_pos(q_, self.rel_pos_h, self.rel_pos_w, (H, W), (H, W))  # (B*nh, N, N)  step 4: E_rel
+            bias = decomposed_rel_pos(q_, (H, W), (H, W), self.rel_pos_h, self.rel_pos_w)  # (B*nh, N, N)  step 4: E_rel
             bias = bias.view(B, nh, H * W, H * W)  # (B, nh, N, N)
         if self.explicit:
             attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, nh, N, N)  q k^T / sqrt(d)
@@ -480,9 +483,7 @@ class SimpleFeaturePyramid(nn.Module):
         return dict(zip(self.names, outs))
 
 
-# =================================================================================================
-# 3. The detector: FCOS head on the pyramid, the full model, presets
-# =================================================================================================
+# ============================================================ the full model and its presets
 
 
 class FCOSHead(nn.Module):
@@ -524,7 +525,7 @@ class ViTDet(nn.Module):
     def __init__(self, num_classes=80, img_size=1024, patch_size=16, embed_dim=768, depth=12, num_heads=12,
                  drop_path_rate=0.1, window_size=14, global_block_indexes=(2, 5, 8, 11), propagation="global",
                  use_rel_pos=True, pretrain_img_size=224, out_channels=256, head_convs=(256,) * 4,
-                 layer_decay=0.7):
+                 layer_decay=0.7, weight_decay_norm=0.0, no_decay_pos_embed=True):
         super().__init__()
         # propagation "global": the blocks in global_block_indexes attend globally, the rest in windows
         # (the paper's default). "conv": every block is windowed and a residual conv block follows the
@@ -542,7 +543,10 @@ class ViTDet(nn.Module):
         self.head = FCOSHead(out_channels, num_classes, tuple(head_convs))
         self.num_classes = num_classes
         self.depth = depth
+        # the recipe's optimizer settings, per preset as the configs: layer-wise lr decay; weight decay
+        # of the torch norm layers (0.0, or None: the ordinary weight decay) and of pos_embed (exempt or not)
         self.layer_decay = layer_decay
+        self.weight_decay_norm, self.no_decay_pos_embed = weight_decay_norm, no_decay_pos_embed
 
     def forward(self, images):  # (B, 3, S, S)
         feats = list(self.backbone(images).values())  # p2..p6, each (B, 256, S/s, S/s)
@@ -574,8 +578,11 @@ PRESETS = {
                  window_size=14, global_block_indexes=(2, 5, 8, 11), layer_decay=0.7),
     "large": dict(img_size=1024, patch_size=16, embed_dim=1024, depth=24, num_heads=16, drop_path_rate=0.4,
                   window_size=14, global_block_indexes=(5, 11, 17, 23), layer_decay=0.8),
+    # huge: mask_rcnn_vitdet_h_75ep.py sets optimizer.params.overrides = {} and weight_decay_norm = None,
+    # so its norms and pos_embed keep the weight decay 0.1 that B and L exempt them from
     "huge": dict(img_size=1024, patch_size=16, embed_dim=1280, depth=32, num_heads=16, drop_path_rate=0.5,
-                 window_size=14, global_block_indexes=(7, 15, 23, 31), layer_decay=0.9),
+                 window_size=14, global_block_indexes=(7, 15, 23, 31), layer_decay=0.9,
+                 weight_decay_norm=None, no_decay_pos_embed=False),
 }
 
 
@@ -585,9 +592,7 @@ def create_model(name="tiny", **overrides):
     return ViTDet(**{**PRESETS[name], **overrides})
 
 
-# =================================================================================================
-# 4. The loss (FCOS, as detectron2's FCOS meta-architecture)
-# =================================================================================================
+# ============================================================ the loss: FCOS, as detectron2's
 
 
 def box_iou(a, b):
@@ -668,43 +673,59 @@ def fcos_loss(out, targets, num_classes):
     return loss_cls + loss_box + loss_ctr
 
 
-# =================================================================================================
-# 5. Data glue, inference and COCO-style AP
-# =================================================================================================
+# ============================================================ data glue: inference, COCO AP, pictures
 
 
-def nms(boxes, scores, thresh):
-    """Greedy non-maximum suppression; returns the kept indices, highest score first."""
+def nms(boxes, scores, thresh, max_keep=None):
+    """Greedy non-maximum suppression; returns the kept indices, highest score first (the first
+    max_keep of them: greedy, so the same as cutting the full result). The IoU is computed only
+    for the rows of the kept boxes, not as an N x N matrix: a few thousand candidates stay cheap."""
     order = scores.argsort(descending=True)
-    over = (box_iou(boxes[order], boxes[order]) > thresh).cpu().numpy()  # (N, N)
-    keep = np.ones(len(order), dtype=bool)
+    b = boxes[order]
+    suppressed = np.zeros(len(order), dtype=bool)
+    keep = []
     for i in range(len(order)):
-        if keep[i]:
-            keep[i + 1:] &= ~over[i, i + 1:]  # suppress the lower-scored boxes that overlap box i
-    return order[torch.from_numpy(keep).to(order.device)]
+        if suppressed[i]:
+            continue
+        keep.append(i)
+        if len(keep) == max_keep:
+            break
+        over = (box_iou(b[i:i + 1], b[i + 1:])[0] > thresh).cpu().numpy()  # (N - i - 1,)
+        suppressed[i + 1:] |= over  # the lower-scored boxes that overlap box i
+    return order[torch.tensor(keep, dtype=torch.long, device=order.device)]
 
 
 @torch.no_grad()
 def detect(out, size, score_thresh=0.05, nms_thresh=0.6, topk=1000, max_det=100):
-    """Dense predictions -> per image (boxes xyxy in input pixels, scores, labels). The score is
-    sqrt(sigmoid(cls) * sigmoid(ctr)); candidates over score_thresh, the top 1000, class-wise NMS."""
+    """Dense predictions -> per image (boxes xyxy in input pixels, scores, labels), as detectron2's
+    FCOS inference: the score is sqrt(sigmoid(cls) * sigmoid(ctr)); on EACH level the (point, class)
+    candidates over score_thresh, its top 1000 (dense_detector's _decode_per_level_predictions);
+    the levels together, class-wise NMS, the best max_det."""
+    K = out["logits"].shape[-1]
+    _, counts = torch.unique_consecutive(out["strides"], return_counts=True)  # points per level, in order
+    starts = [0] + counts.cumsum(0).tolist()[:-1]
     results = []
     for b in range(out["logits"].shape[0]):
         scores = (out["logits"][b].float().sigmoid() * out["ctr"][b].float().sigmoid()[:, None]).sqrt()  # (R, K)
-        s = scores.flatten()  # (R*K,)
-        cand = (s > score_thresh).nonzero().squeeze(1)
-        cand = cand[s[cand].topk(min(topk, len(cand))).indices]
-        r, k = cand // scores.shape[1], cand % scores.shape[1]
+        cand = []
+        for start, n in zip(starts, counts.tolist()):  # one level: rows start ... start + n - 1
+            s = scores[start:start + n].flatten()  # (n*K,)
+            c = (s > score_thresh).nonzero().squeeze(1)
+            cand.append(start * K + c[s[c].topk(min(topk, len(c))).indices])  # its top-k, as flat (R*K,) indices
+        cand = torch.cat(cand)
+        r, k = cand // K, cand % K
+        s = scores.flatten()[cand]
         boxes = apply_deltas(out["deltas"][b][r].float(), out["points"][r], out["strides"][r]).clamp(0, size)
-        keep = nms(boxes + k[:, None].float() * (size + 1), s[cand], nms_thresh)[:max_det]  # class-wise: shift per class
-        results.append((boxes[keep].cpu(), s[cand][keep].cpu(), k[keep].cpu()))
+        keep = nms(boxes + k[:, None].float() * (size + 1), s, nms_thresh, max_det)  # class-wise: shift per class
+        results.append((boxes[keep].cpu(), s[keep].cpu(), k[keep].cpu()))
     return results
 
 
 def coco_ap(detections, ground_truth, num_classes):
     """COCO box AP as pycocotools computes it (area "all", up to 100 detections per image):
     for each class and IoU threshold t in 0.50:0.05:0.95, detections sorted by score are matched
-    greedily to the unmatched ground truth box of highest IoU >= t in the same image; precision is
+    greedily to the unmatched ground truth box of highest IoU >= t in the same image (of two equal
+    IoUs the later ground truth, as evaluateImg's `if ious[dind, gind] < iou: continue`); precision is
     made monotone and read at 101 recall points r = 0, 0.01, ..., 1 (0 where r is never reached).
     AP = mean over thresholds and over the classes that have ground truth; AP50 / AP75 at t = 0.5
     / 0.75. detections: per image (boxes (D, 4) xyxy, scores (D,), labels (D,));
@@ -729,7 +750,7 @@ def coco_ap(detections, ground_truth, num_classes):
             hits = np.zeros((T, len(db)), dtype=bool)
             for d in range(len(db) if len(gb) else 0):  # highest score first
                 cand = np.where(taken, -1.0, iou[d][None, :])  # (T, G): unmatched gts only
-                j = cand.argmax(1)  # (T,) the best remaining gt
+                j = len(gb) - 1 - cand[:, ::-1].argmax(1)  # (T,) the best remaining gt, the LAST of equal IoUs
                 ok = cand[np.arange(T), j] >= thr  # (T,)
                 hits[ok, d] = True
                 taken[np.arange(T)[ok], j[ok]] = True
@@ -739,7 +760,7 @@ def coco_ap(detections, ground_truth, num_classes):
         tp = np.concatenate(hits_all, 1)[:, order].astype(np.float64)  # (T, D) over all images
         tps, fps = tp.cumsum(1), (1 - tp).cumsum(1)
         recall = tps / npos
-        precision = tps / np.maximum(tps + fps, np.spacing(1))
+        precision = tps / (tps + fps + np.spacing(1))  # as pycocotools' accumulate
         ap_t = np.zeros(T)
         for t in range(T):
             prec = np.maximum.accumulate(precision[t][::-1])[::-1]  # best precision at >= this recall
@@ -751,6 +772,18 @@ def coco_ap(detections, ground_truth, num_classes):
         return dict(ap=-1.0, ap50=-1.0, ap75=-1.0)
     ap = np.stack(per_class)  # (classes, T)
     return dict(ap=float(ap.mean()), ap50=float(ap[:, 0].mean()), ap75=float(ap[:, 5].mean()))
+
+
+def make_data(args, n_train, n_val):
+    """(train_ds, val_ds, classes): the synthetic shapes with a box on every shape, or a COCO folder;
+    images resized to input_size x input_size (common.py)."""
+    patch = PRESETS[args.model]["patch_size"]
+    if args.input_size < 2 * patch:
+        C.die(f"--input_size {args.input_size} is too small for patch size {patch}")
+    train_ds, val_ds, classes = C.detection_data(args, n_train, n_val)
+    if not classes:
+        C.die(f"{args.data}: annotations.json has no categories")
+    return train_ds, val_ds, classes
 
 
 def coco_category_ids(args, classes):
@@ -778,9 +811,7 @@ def draw_boxes(img, boxes, labels, classes, scores=None, scale=3, colour=(255, 2
     return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 255  # (3, S*scale, S*scale)
 
 
-# =================================================================================================
-# 6. Train (layer-wise lr decay), evaluate, load weights, bench, smoke
-# =================================================================================================
+# ============================================================ train, evaluate, bench, smoke
 
 
 def lr_decay_rate(name, decay, num_layers):
@@ -797,16 +828,21 @@ def lr_decay_rate(name, decay, num_layers):
 
 
 def optimizer_groups(model, weight_decay, layer_decay):
-    """AdamW groups with the paper's exceptions: weight decay 0 for the parameters of torch norm
-    layers (the ViT's nn.LayerNorm, the head's GroupNorm) and for pos_embed; everything else,
-    biases, rel_pos tables and the pyramid's channel LayerNorm included, keeps it (as detectron2)."""
-    no_wd = {f"{mn}.{pn}" for mn, m in model.named_modules() if isinstance(m, (nn.LayerNorm, nn.GroupNorm))
+    """AdamW groups with the configs' exceptions (detectron2 get_default_optimizer_params): the
+    parameters of torch norm layers (the ViT's nn.LayerNorm, the head's GroupNorm) get
+    model.weight_decay_norm (0.0; None: the ordinary weight decay, as ViTDet-H) and pos_embed 0 when
+    model.no_decay_pos_embed (B, L; not H); everything else, biases, rel_pos tables and the pyramid's
+    channel LayerNorm included, keeps the weight decay (detectron2 only knows torch norm classes)."""
+    norms = {f"{mn}.{pn}" for mn, m in model.named_modules() if isinstance(m, (nn.LayerNorm, nn.GroupNorm))
              for pn, _ in m.named_parameters(recurse=False)}
+    norm_wd = weight_decay if model.weight_decay_norm is None else model.weight_decay_norm
     groups = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        wd = 0.0 if (name in no_wd or name.endswith("pos_embed")) else weight_decay
+        wd = norm_wd if name in norms else weight_decay
+        if model.no_decay_pos_embed and name.endswith("pos_embed"):
+            wd = 0.0  # the B / L configs' overrides = {"pos_embed": {"weight_decay": 0.0}}
         scale = lr_decay_rate(name, layer_decay, model.depth)
         groups.setdefault((wd, scale), dict(params=[], weight_decay=wd, lr_scale=scale))["params"].append(p)
     return list(groups.values())
@@ -857,16 +893,28 @@ def load_weights(model, path, run):
                f"rel_pos / residual tensors, the pyramid and the head")
 
 
-def make_loss(num_classes):
-    def loss_fn(model, batch):
-        images, targets = batch
-        return fcos_loss(model(images), targets, num_classes)
-    return loss_fn
+def loss_fn(model, batch):
+    """The function C.fit trains: the FCOS loss of a batch (images, targets); the class count is the
+    width of the model's classification output."""
+    images, targets = batch
+    out = model(images)
+    return fcos_loss(out, targets, out["logits"].shape[-1])
+
+
+def in_dataset_order(parts, n):
+    """The per-rank lists of a sharded evaluation (C.make_loader(..., train=False) under torchrun:
+    a DistributedSampler without shuffle, rank r holding items r, r + w, r + 2w, ... of the set padded
+    to a multiple of w by repeating its first items) -> one list in the dataset's order, each item once."""
+    w = len(parts)
+    return [parts[i % w][i // w] for i in range(n)]
 
 
 @torch.no_grad()
-def evaluate(model, loader, run, args):
-    """Detections on the held-out set (input pixels) and the ground truth, in the input frame."""
+def evaluate(model, loader, args, run):
+    """Detections on the held-out set (input pixels) and the ground truth, in the input frame:
+    (dets, gts, metas), one entry per image in the order of loader.dataset. Every rank calls it
+    and detects on its shard (the sharded loader); under torchrun the shards are gathered, so that
+    rank 0 computes the AP on the whole set."""
     model.eval()
     dets, gts, metas = [], [], []
     for images, targets in loader:
@@ -875,6 +923,10 @@ def evaluate(model, loader, run, args):
         dets += detect(out, images.shape[-1], args.score_thresh, args.nms_thresh)
         gts += [(t["boxes"], t["labels"]) for t in targets]
         metas += [(t["image_id"], t["orig_size"]) for t in targets]
+    if run.distributed:
+        parts = [None] * run.world_size
+        torch.distributed.all_gather_object(parts, list(zip(dets, gts, metas)))
+        dets, gts, metas = map(list, zip(*in_dataset_order(parts, len(loader.dataset))))
     return dets, gts, metas
 
 
@@ -891,14 +943,15 @@ def write_detections(path, dets, metas, size, cat_ids):
     return len(rows)
 
 
-def write_synthetic_annotations(path, val_ds, classes, size):
-    """The synthetic held-out set as a COCO annotations file, so detections.json can be checked by
-    any COCO tool (pycocotools: COCO(path).loadRes('detections.json'))."""
+def write_synthetic_annotations(path, gts, metas, classes):
+    """The synthetic held-out set (the evaluated images, their boxes in the original pixels) as a
+    COCO annotations file, so detections.json can be checked by any COCO tool (pycocotools:
+    COCO(path).loadRes('detections.json'))."""
     images, anns = [], []
-    for i, rec in enumerate(val_ds.records):
-        images.append(dict(id=rec["image_id"], width=size, height=size, file_name=f"synthetic_{i}.png"))
-        for (x0, y0, x1, y1), l in zip(rec["boxes"].tolist(), rec["labels"].tolist()):
-            anns.append(dict(id=len(anns) + 1, image_id=rec["image_id"], category_id=l + 1, iscrowd=0,
+    for i, ((boxes, labels), (image_id, (H, W))) in enumerate(zip(gts, metas)):
+        images.append(dict(id=int(image_id), width=int(W), height=int(H), file_name=f"synthetic_{i}.png"))
+        for (x0, y0, x1, y1), l in zip(boxes.tolist(), labels.tolist()):
+            anns.append(dict(id=len(anns) + 1, image_id=int(image_id), category_id=l + 1, iscrowd=0,
                              bbox=[x0, y0, x1 - x0, y1 - y0], area=(x1 - x0) * (y1 - y0)))
     with open(path, "w") as f:
         json.dump(dict(images=images, annotations=anns,
@@ -926,23 +979,6 @@ def save_picture(path, val_ds, dets, classes, n=8, min_score=0.4):
 
 # ---- --bench: the paper's efficiency point on the backbone at 1024 x 1024 ----------------------
 
-def activation_bytes(fn, params):
-    """(bytes, output): the bytes of the tensors autograd saves for backward while fn() runs (each
-    storage once, the parameters excluded), i.e. the activation memory of training. Works on the
-    "meta" device, where nothing is computed."""
-    seen, own = {}, {p.untyped_storage()._cdata for p in params}
-
-    def pack(t):
-        st = t.untyped_storage()
-        if st._cdata not in own:
-            seen[st._cdata] = (st.nbytes(), t)  # keep t alive so its storage key stays unique
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return sum(n for n, _ in seen.values()), out.detach()
-
-
 def backbone_cost(net, size, device):
     """(multiply-adds, saved bytes) of one training forward of the plain ViT at size x size, batch 1."""
     x = torch.randn(1, 3, size, size, device=device)
@@ -953,9 +989,9 @@ def backbone_cost(net, size, device):
         def embed():
             y = net.patch_embed(x)  # (1, H, W, C)
             return y + get_abs_pos(net.pos_embed, net.pretrain_use_cls_token, (y.shape[1], y.shape[2]))
-        total, h = activation_bytes(embed, params)
+        total, h = C.saved_bytes(embed, params)
         for blk in net.blocks:
-            nbytes, h = activation_bytes(lambda: blk(h), params)
+            nbytes, h = C.saved_bytes(lambda: blk(h.detach()), params)
             total += nbytes
         box["bytes"] = total
 
@@ -964,34 +1000,43 @@ def backbone_cost(net, size, device):
 
 
 def bench(args, run):
-    """The plain ViT backbone at 1024 x 1024, batch 1: all-global attention vs ViTDet (window 14 + 4
-    global blocks) vs all-window. FLOPs with explicit attention matmuls, reported as multiply-adds
-    (fvcore's 'FLOPs', the paper's unit); activation memory = bytes saved for backward; both
-    counted on the meta device (shapes only, no compute). Time = one forward without grad on the
-    real device (on a CPU a single forward: ViT-B at 1024 is ~500 GFLOPs)."""
+    """The paper's efficiency point at the paper's size, the plain ViT-B backbone at 1024 x 1024,
+    batch 1: all-global attention vs ViTDet (window 14 + 4 global blocks) vs all-window. FLOPs with
+    the attention matmuls written out as detectron2 does, reported as multiply-adds (fvcore's
+    'FLOPs', the paper's unit); activation memory = bytes saved for backward; both counted on the
+    meta device (shapes only, no compute), so they need no smaller fallback on a CPU. Time = one
+    forward without grad on the real device, the three interleaved by C.time_ab (on a CPU one round
+    without warm-up: ViT-B at 1024 is ~500 GFLOPs a forward)."""
     name, size = args.bench_model, args.bench_size
     preset = PRESETS[name]
     settings = [("all global", tuple(range(preset["depth"]))),
                 ("ViTDet: window + 4 global", preset["global_block_indexes"]),
                 ("all window", ())]
     Attention.explicit = True
-    rows = []
+    rows, nets = [], {}
+    x = torch.randn(1, 3, size, size, device=run.device)
     try:
         for label, glob in settings:
             with torch.device("meta"):
                 net = create_model(name, global_block_indexes=glob, drop_path_rate=0.0).backbone.net
             macs, nbytes = backbone_cost(net, size, "meta")
+            rows.append([label, macs / 1e9, nbytes / 2 ** 30])
             torch.manual_seed(0)
-            net = create_model(name, global_block_indexes=glob, drop_path_rate=0.0).backbone.net.to(run.device).eval()
-            x = torch.randn(1, 3, size, size, device=run.device)
-            cpu = run.device.type == "cpu"
-            with torch.no_grad(), C.autocast(run):
-                seconds = C.benchmark(lambda: net(x), run, warmup=0 if cpu else 3, reps=1 if cpu else 10)
-            rows.append((label, macs / 1e9, nbytes / 2 ** 30, seconds))
-            C.log(run, f"  measured {label}: {macs / 1e9:.1f} GFLOPs, {nbytes / 2 ** 30:.2f} GiB, {seconds:.2f} s")
-            del net, x
+            nets[label] = create_model(name, global_block_indexes=glob, drop_path_rate=0.0).backbone.net.to(run.device).eval()
+        cpu = run.device.type == "cpu"
+
+        def forward(net):
+            def fn():
+                with torch.no_grad(), C.autocast(run):
+                    return net(x)
+            return fn
+        seconds = C.time_ab({label: forward(net) for label, net in nets.items()}, run,
+                            rounds=1 if cpu else 10, warmup=0 if cpu else 3)
     finally:
         Attention.explicit = False
+    for row in rows:
+        row.append(seconds[row[0]])
+        C.log(run, f"  measured {row[0]}: {row[1]:.1f} GFLOPs, {row[2]:.2f} GiB, {row[3]:.2f} s")
     base = rows[1]
     C.log(run, f"\nViT-{name[0].upper()} backbone at {size}x{size}, batch 1, {run.device} (ratios to ViTDet)")
     C.log(run, f"{'attention':27s} {'GFLOPs':>8s} {'ratio':>6s} {'act. GiB':>9s} {'ratio':>6s} {'time s':>8s} {'ratio':>6s}")
@@ -1004,14 +1049,42 @@ def bench(args, run):
     return rows
 
 
-def smoke_test(args, run, model, train_ds, num_classes):
+def train(args, run):
+    """Train on the detection data, then detect on the held-out images: AP, detections.json, picture."""
+    train_ds, val_ds, classes = make_data(args, args.n_train, args.n_val)
+    model = create_model(args.model, num_classes=len(classes), propagation=args.propagation)
+    if args.weights:
+        load_weights(model, args.weights, run)
+    layer_decay = model.layer_decay if args.layer_decay is None else args.layer_decay
+    groups = optimizer_groups(model, args.weight_decay, layer_decay)
+    loader = C.make_loader(train_ds, args, run, True, C.collate_detection)
+    model, history = C.fit(model, loss_fn, loader, args, run, groups=groups)
+    val_loader = C.make_loader(val_ds, args, run, False, C.collate_detection)  # every rank its shard
+    dets, gts, metas = evaluate(model, val_loader, args, run)
+    if not run.is_main:
+        return None
+    ap = coco_ap(dets, gts, len(classes))  # rank 0, on the whole held-out set
+    n = write_detections(os.path.join(args.out, "detections.json"), dets, metas, args.input_size,
+                         coco_category_ids(args, classes))
+    if args.data is None:
+        write_synthetic_annotations(os.path.join(args.out, "val_annotations.json"), gts, metas, classes)
+    pic = save_picture(os.path.join(args.out, "detections.png"), val_loader.dataset, dets, classes)
+    C.log(run, f"{n} detections on {len(dets)} held-out images -> {os.path.join(args.out, 'detections.json')}; "
+               f"picture {pic}")
+    return C.write_metrics(args, run, history, ap=ap["ap"], ap50=ap["ap50"], ap75=ap["ap75"], layer_decay=layer_decay)
+
+
+def smoke(args, run):
+    """A few steps on one tiny batch of 4 images: the loss is finite and falls (C.smoke)."""
+    train_ds, _, classes = make_data(args, 8, 4)
+    model = create_model(args.model, num_classes=len(classes), propagation=args.propagation)
+    if args.weights:
+        load_weights(model, args.weights, run)
     batch = C.collate_detection([train_ds[i] for i in range(min(4, len(train_ds)))])
-    C.smoke(model, make_loss(num_classes), batch, run, steps=25, lr=1e-3)
+    C.smoke(model, loss_fn, batch, run, steps=25, lr=1e-3)
 
 
-# =================================================================================================
-# 7. Command line
-# =================================================================================================
+# ============================================================ command line
 
 
 def main(argv=None):
@@ -1028,42 +1101,13 @@ def main(argv=None):
     p.add_argument("--bench_model", default="base", choices=["base", "large", "huge"])
     p.add_argument("--bench_size", type=int, default=1024)
     args = p.parse_args(argv)
-    if args.model not in PRESETS:
-        C.die(f"unknown --model '{args.model}' (choose from {', '.join(PRESETS)})")
     args.input_size = args.input_size or PRESETS[args.model]["img_size"]  # tiny 64, mae_tiny 32, paper 1024
     run = C.init_run(args, patch_size=PRESETS[args.model]["patch_size"])
+    if args.smoke:
+        return smoke(args, run)
     if args.bench:
         return bench(args, run)
-    if args.input_size < 2 * PRESETS[args.model]["patch_size"]:
-        C.die(f"--input_size {args.input_size} is too small for patch size {PRESETS[args.model]['patch_size']}")
-
-    n_train, n_val = (8, 4) if args.smoke else (args.n_train, args.n_val)
-    train_ds, val_ds, classes = C.detection_data(args, n_train, n_val)
-    if not classes:
-        C.die(f"{args.data}: annotations.json has no categories")
-    model = create_model(args.model, num_classes=len(classes), propagation=args.propagation)
-    if args.weights:
-        load_weights(model, args.weights, run)
-    if args.smoke:
-        return smoke_test(args, run, model, train_ds, len(classes))
-
-    layer_decay = model.layer_decay if args.layer_decay is None else args.layer_decay
-    groups = optimizer_groups(model, args.weight_decay, layer_decay)
-    loader = C.make_loader(train_ds, args, run, True, C.collate_detection)
-    model, history = C.fit(model, make_loss(len(classes)), loader, args, run, groups=groups)
-    if not run.is_main:
-        return
-    val_loader = torch.utils.data.DataLoader(val_ds, args.batch_size, collate_fn=C.collate_detection)  # main rank only
-    dets, gts, metas = evaluate(model, val_loader, run, args)
-    ap = coco_ap(dets, gts, len(classes))
-    n = write_detections(os.path.join(args.out, "detections.json"), dets, metas, args.input_size,
-                         coco_category_ids(args, classes))
-    if args.data is None:
-        write_synthetic_annotations(os.path.join(args.out, "val_annotations.json"), val_ds, classes, args.input_size)
-    pic = save_picture(os.path.join(args.out, "detections.png"), val_ds, dets, classes)
-    C.log(run, f"{n} detections on {len(val_ds)} held-out images -> {os.path.join(args.out, 'detections.json')}; "
-               f"picture {pic}")
-    C.write_metrics(args, run, history, ap=ap["ap"], ap50=ap["ap50"], ap75=ap["ap75"], layer_decay=layer_decay)
+    return train(args, run)
 
 
 if __name__ == "__main__":

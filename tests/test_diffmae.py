@@ -1,6 +1,6 @@
 """Tests of DiffMAE's mechanism (diffmae.py): diffusion on the masked patches only, the schedule,
 the x0-parameterized posterior, the loss, the sampler's call pattern, the decoders' attention
-pattern and the top-down pairing.
+pattern and the top-down pairing; the sampler check's figures (posterior_figures) on known laws.
 
 The names match the exercises' -k expressions: forward_process (make_schedule, q_sample,
 q_sample_masked), sampler (posterior_step, x0_from_output, sample_timesteps, the sample loop),
@@ -185,13 +185,45 @@ def test_patchify_order_and_roundtrip():
 
 
 def test_sincos_first_half_encodes_the_column():
-    pe = M.sincos_pos_embed(16, 4)  # (17, 16)
+    pe = M.get_2d_sincos_pos_embed(16, 4, cls_token=True)  # (17, 16)
+    assert pe.dtype == torch.float32 and pe.shape == (17, 16)
     assert torch.all(pe[0] == 0)  # the cls slot
     # token 1 = (row 0, col 1): column half has sin(1)/cos(1) at k = 0, row half sin(0)/cos(0)
     assert pe[2, 0].item() == pytest.approx(math.sin(1.0), abs=1e-6)
     assert pe[2, 4].item() == pytest.approx(math.cos(1.0), abs=1e-6)
     assert pe[2, 8].item() == 0 and pe[2, 12].item() == 1
     assert pe[1 + 4, 8].item() == pytest.approx(math.sin(1.0), abs=1e-6)  # token 4 = (row 1, col 0)
+    assert torch.equal(M.get_2d_sincos_pos_embed(16, 4), pe[1:])  # no cls row by default
+    # a (grid_h, grid_w) grid: token 5 of a 2 x 3 grid is (row 1, col 2)
+    r = M.get_2d_sincos_pos_embed(16, (2, 3))
+    assert r.shape == (6, 16) and r[5, 0].item() == pytest.approx(math.sin(2.0), abs=1e-6)
+    assert r[5, 8].item() == pytest.approx(math.sin(1.0), abs=1e-6)
+
+
+def test_posterior_figures_known_values():
+    """spread / error is 1 for samples drawn from the same law as the truth, 0 for identical
+    samples, 2 for pure added noise around the truth; the mean of k samples' error falls as (1 + 1/k)."""
+    g = torch.Generator().manual_seed(0)
+    N, K = 400, 4
+    m = torch.zeros(N, 1, 8, 8)
+    m[:, :, :4] = 1  # the top half hidden
+    mu = torch.rand(N, 3, 8, 8, generator=g) * 0.5 + 0.25  # each image's posterior mean
+    draw = lambda: mu + 0.1 * torch.randn(N, 3, 8, 8, generator=g)
+    x0, samples = draw(), torch.stack([draw() for _ in range(K)])
+    f = M.posterior_figures(x0, samples, mu, m)
+    assert f["spread_over_error"] == pytest.approx(1.0, abs=0.03)
+    assert f["mse_1step"] == pytest.approx(0.01, rel=0.03)  # the mean's error: the posterior variance
+    for k in (1, 2, 4):
+        assert f["mse_mean_k"][k] == pytest.approx(0.01 * (1 + 1 / k), rel=0.05)
+        assert f["dist_mean_k"][k] == pytest.approx(0.01 / k, rel=0.05)
+    same = M.posterior_figures(x0, mu.expand(K, -1, -1, -1, -1), mu, m)
+    assert same["spread_over_error"] == 0 and same["dist_mean_k"][4] == 0
+    noisy = torch.stack([x0 + 0.1 * torch.randn(N, 3, 8, 8, generator=g) for _ in range(K)])
+    assert M.posterior_figures(x0, noisy, mu, m)["spread_over_error"] == pytest.approx(2.0, abs=0.06)
+    # only the hidden pixels count
+    moved = samples.clone()
+    moved[..., 4:, :] += 5
+    assert M.posterior_figures(x0, moved, mu, m)["spread_over_error"] == pytest.approx(f["spread_over_error"], rel=1e-6)
 
 
 def test_forward_process_visible_patches_never_noised_and_encoder_blind_to_t_and_noise(monkeypatch):

@@ -52,12 +52,14 @@ def gen(seed=5):
 # blanked function fails only its own exercise's tests)
 
 
-def ref_random_masking(x, mask_ratio, generator=None):
-    """One sample at a time: the same uniform noise, sorted by Python; the first int(L(1-r))
-    patches in order of increasing noise are kept."""
+def ref_random_masking(x, mask_ratio, generator=None, bias=None):
+    """One sample at a time: the same uniform noise (plus the bias), sorted by Python; the first
+    int(L(1-r)) patches in order of increasing noise are kept."""
     B, L, D = x.shape
     keep = int(L * (1 - mask_ratio))
     noise = torch.rand(B, L, generator=generator)
+    if bias is not None:
+        noise = noise + bias
     visible, mask, restore = [], torch.ones(B, L), torch.zeros(B, L, dtype=torch.long)
     for b in range(B):
         order = sorted(range(L), key=lambda j: noise[b, j].item())  # patch ids, smallest noise first
@@ -95,9 +97,13 @@ def ref_vision_forward(tower, imgs, mask_ratio=0.0, generator=None):
     return tower.norm(x).mean(dim=1), mask
 
 
-def ref_text_forward(tower, tokens):
-    """TextTower.forward written out: table look-up plus positions 0..T-1, blocks, LN, token 0."""
+def ref_text_forward(tower, tokens, mask_ratio=0.0, generator=None):
+    """TextTower.forward written out: table look-up plus positions 0..T-1, blocks, LN, token 0;
+    with text masking, the tokens flip.random_masking keeps (pads biased to go first), in order."""
     x = tower.token_embed.weight[tokens] + tower.pos_embed[0, : tokens.shape[1]]  # (B, T, W)
+    if mask_ratio > 0:
+        _, mask, _ = flip.random_masking(x, mask_ratio, generator, bias=(tokens == 0).float())
+        x = torch.stack([torch.stack([x[b, j] for j in range(x.shape[1]) if mask[b, j] == 0]) for b in range(len(x))])
     for blk in tower.blocks:
         x = blk(x)
     return tower.norm(x)[:, 0]
@@ -264,8 +270,12 @@ def test_embeddings_have_unit_norm():
 
 
 def test_sincos_positions_first_half_encodes_the_column():
-    pe = flip.sincos_pos_embed_2d(16, 3, 3)  # (1 + 9, 16)
+    pe = flip.get_2d_sincos_pos_embed(16, 3, cls_token=True)  # (1 + 9, 16)
+    assert pe.dtype == torch.float32 and pe.shape == (10, 16)
     assert torch.equal(pe[0], torch.zeros(16))  # the cls slot
+    assert torch.equal(flip.get_2d_sincos_pos_embed(16, 3), pe[1:])  # no cls row unless asked
+    rect = flip.get_2d_sincos_pos_embed(16, (2, 3))  # 2 rows of 3 columns, row by row
+    assert rect.shape == (6, 16) and torch.equal(rect, pe[1:7])
     row0 = torch.cat([torch.zeros(4), torch.ones(4)])  # [sin(0), cos(0)] of position 0
     assert torch.allclose(pe[1 + 0 * 3 + 2, 8:], row0)  # row 0, column 2: second half = row 0
     assert torch.allclose(pe[1 + 2 * 3 + 0, :8], row0)  # row 2, column 0: first half = column 0
@@ -405,6 +415,36 @@ def test_text_tower_attention_is_not_causal():
     changed[:, -1] = (changed[:, -1] + 1) % 50  # only the LAST token changes
     a, b = model.text(tokens), model.text(changed)  # first-token pooled outputs
     assert (a - b).abs().amax(1).min() > 1e-4  # a causal mask would keep them equal
+
+
+def test_text_tower_txt_mask_ratio_removes_pads_first_and_keeps_caption_order(ref_masking, monkeypatch):
+    """The text-masking ablation (--txt_mask_ratio): random_masking with bias +1 on the pads, so
+    every pad goes before any word; the kept tokens reach the blocks in caption order (so the
+    first kept one is pooled); the model masks the text in training only, when asked."""
+    model = perturbed_model().eval()
+    tokens = batch()[1].clone()  # (4, 8)
+    tokens[0, 3:] = 0  # 3 words + 5 pads: keep 4 = the 3 words and one pad
+    tokens[1, 6:] = 0  # 6 words + 2 pads: keep 4 of the 6 words, no pad
+    seen = []
+    model.text.blocks[0].register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach()))
+    out = model.text(tokens, 0.5, gen(2))
+    emb = model.text.token_embed.weight[tokens] + model.text.pos_embed[0, :8]  # (4, 8, 32)
+    _, mask, _ = ref_random_masking(emb, 0.5, gen(2), bias=(tokens == 0).float())
+    assert seen[0].shape == (4, 4, 32)
+    assert (mask[0, :3] == 0).all() and mask[0, 3:].sum() == 4  # every word kept, pads removed first
+    assert (mask[1, 6:] == 1).all() and mask[1, :6].sum() == 2
+    for b in range(4):
+        assert torch.allclose(seen[0][b], emb[b][mask[b] == 0], atol=1e-6)  # in caption order
+    assert torch.allclose(out, ref_text_forward(model.text, tokens, 0.5, gen(2)), atol=1e-5)
+    monkeypatch.setattr(flip.VisionTower, "forward", ref_vision_forward)  # the other exercises' parts
+    monkeypatch.setattr(flip.FLIP, "clipped_logit_scale", lambda self: self.logit_scale)
+    imgs = batch()[0]
+    model.txt_mask_ratio, model.mask_ratio = 0.5, 0.0
+    seen.clear()
+    model(imgs, tokens)  # evaluation: every token
+    model.train()
+    model(imgs, tokens)  # training: half of them
+    assert [t.shape[1] for t in seen] == [8, 4]
 
 
 def test_tokenizer_pads_truncates_and_marks_unknown_words():

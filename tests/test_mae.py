@@ -292,7 +292,7 @@ def test_unshuffle_in_the_model_forward(rough, monkeypatch):
 
 def test_sincos_table_against_independent_formula():
     D, g = 16, 4
-    table = mae.sincos_pos_embed(D, g, cls_token=True)
+    table = mae.get_2d_sincos_pos_embed(D, g, cls_token=True)
     assert table.shape == (1 + g * g, D)
     assert torch.equal(table[0], torch.zeros(D))                          # the cls row is zero
     for i in range(g):
@@ -304,6 +304,22 @@ def test_sincos_table_against_independent_formula():
             assert torch.allclose(table[1 + i * g + j], torch.tensor(ref), atol=1e-6)
     # patch (0, 0): sines are 0, cosines are 1
     assert torch.equal(table[1, :D // 4], torch.zeros(D // 4)) and torch.equal(table[1, D // 4:D // 2], torch.ones(D // 4))
+
+
+def test_sincos_table_of_a_rectangular_grid():
+    D = 8
+    table = mae.get_2d_sincos_pos_embed(D, (2, 3))                        # 2 rows, 3 columns, no cls row
+    assert table.shape == (6, D) and table.dtype == torch.float32
+    square = mae.get_2d_sincos_pos_embed(D, 3)                            # 3 x 3: its first two rows
+    assert torch.equal(table, square[:6])
+
+
+def test_classifier_init_is_timms_from_scratch():
+    torch.manual_seed(0)
+    model = mae.create_classifier("tiny", 6)
+    assert 0.015 < model.head.weight.std().item() < 0.025                 # trunc_normal(0.02), not 2e-5
+    assert 0.01 < model.cls_token.std().item() < 0.03
+    assert torch.equal(model.pos_embed[0], mae.get_2d_sincos_pos_embed(192, 8, cls_token=True))  # documented
 
 
 # ------------------------------------------------------------------ exercise: patchify, unpatchify, forward_loss ("patchify or loss")
@@ -519,7 +535,7 @@ def test_official_names_shapes_and_counts_for_base():
 
 
 def test_official_init(tiny):
-    assert torch.allclose(tiny.pos_embed[0], mae.sincos_pos_embed(192, 8, True))
+    assert torch.allclose(tiny.pos_embed[0], mae.get_2d_sincos_pos_embed(192, 8, cls_token=True))
     assert all(torch.equal(m.bias, torch.zeros_like(m.bias)) for m in tiny.modules() if isinstance(m, torch.nn.Linear))
     w = tiny.blocks[0].attn.qkv.weight
     bound = math.sqrt(6 / (w.shape[0] + w.shape[1]))                      # xavier-uniform bound
@@ -530,12 +546,12 @@ def test_encoder_only_checkpoint_loads_with_just_the_decoder_missing(tmp_path, t
     enc = {k: v for k, v in tiny.state_dict().items() if not k.startswith(("decoder", "mask_token"))}
     C.save_checkpoint(tmp_path / "enc.pth", {"model": enc})
     other = mae.create_model("tiny")
-    mae.load_pretrained(other, tmp_path / "enc.pth")
+    mae.load_weights(other, tmp_path / "enc.pth")
     assert torch.equal(other.blocks[3].mlp.fc2.weight, tiny.blocks[3].mlp.fc2.weight)
     bad = dict(enc); bad.pop("norm.weight")
     C.save_checkpoint(tmp_path / "bad.pth", {"model": bad})
     with pytest.raises(SystemExit, match="missing norm.weight"):
-        mae.load_pretrained(other, tmp_path / "bad.pth")
+        mae.load_weights(other, tmp_path / "bad.pth")
 
 
 def test_layer_decay_ids():

@@ -3,6 +3,9 @@
 The tests of one exercise (their names hold its -k word: cache, compress, memory_positions,
 switch) run the model with the OTHER exercises' functions replaced by the slow references below
 (`use_refs`), so that a blanked or wrong function fails only its own exercise."""
+import os
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -24,9 +27,10 @@ def ref_sample_memory(self):
 
 
 def ref_mask_memory(self, ids, selections):
-    """Zero (batch > 1) or drop (batch 1) the cached clips of another video, sample by sample."""
+    """Zero the cached clips of another video, sample by sample; drop them when the cache holds
+    batches of one (its oldest entry says, not the current batch: the official rule)."""
     B = len(ids)
-    if B == 1:
+    if self.cached_k and self.cached_k[0].shape[0] == 1:
         keep = [i for i in range(len(self.cached_ids)) if int(self.cached_ids[i][0]) == int(ids[0])]
         self.cached_k = [self.cached_k[i] for i in keep]
         self.cached_v = [self.cached_v[i] for i in keep]
@@ -83,13 +87,28 @@ def sp(i, j, nq, nk):
     return int(i * rq - j * rk + (nk - 1) * rk)
 
 
+def ref_table(table, length):
+    """The table linearly resampled to `length` rows (align_corners=False, as F.interpolate), by
+    hand: row r reads the source at x = (r + 0.5) * L / length - 0.5, clamped to the ends."""
+    L = table.shape[0]
+    if L == length:
+        return table
+    rows = []
+    for r in range(length):
+        x = min(max((r + 0.5) * L / length - 0.5, 0.0), L - 1.0)
+        lo = int(x)
+        hi = min(lo + 1, L - 1)
+        rows.append(table[lo] * (1 - (x - lo)) + table[hi] * (x - lo))
+    return torch.stack(rows)
+
+
 def ref_memory_rel_pos(self, r_q, mem_thw, num_mem):
     """One column per memory key, built from its clip-wide frame number: q . (R_t + R_h + R_w)."""
     B, n, qt, qh, qw, d = r_q.shape
     mt, mh, mw = mem_thw
     Mt, s = num_mem * mt, self.compress_stride[0]
-    Th = M.resize_table(self.rel_pos_mem_h, 2 * max(qh, mh) - 1)
-    Tw = M.resize_table(self.rel_pos_mem_w, 2 * max(qw, mw) - 1)
+    Th = ref_table(self.rel_pos_mem_h, 2 * max(qh, mh) - 1)
+    Tw = ref_table(self.rel_pos_mem_w, 2 * max(qw, mw) - 1)
     cols = []
     for m in range(num_mem):
         cols.append(r_q.new_zeros(B, n, qt * qh * qw))  # the memory's cls column
@@ -437,6 +456,40 @@ def test_switching_video_stops_reading_the_old_memory(monkeypatch):
         assert torch.allclose(ys, yf, atol=1e-6)
 
 
+def test_switch_decided_by_the_stored_batch_not_the_current_one(monkeypatch):
+    use_refs(monkeypatch, *SWITCH)
+    # official mask_memory: entries are dropped only when the CACHE holds batches of one
+    # (cached_mem[0].shape[0] == 1); a batch of one after a batch of two (the last, smaller batch
+    # of an evaluation) zeroes sample 0's memory of another video and keeps every cached clip
+    attn = Attn(**LAYER)
+    attn.cached_k = [torch.ones(2, 5, 3), torch.ones(2, 5, 3)]
+    attn.cached_v = [torch.ones(2, 5, 3), torch.ones(2, 5, 3)]
+    attn.cached_ids = [torch.tensor([0, 7]), torch.tensor([1, 7])]
+    assert attn.mask_memory(torch.tensor([1]), [0, 1]) == [0, 1]
+    assert len(attn.cached_k) == len(attn.cached_v) == len(attn.cached_ids) == 2
+    for m in (attn.cached_k[0], attn.cached_v[0]):  # clip of video 0: sample 0 zeroed, 1 kept
+        assert m[0].abs().sum() == 0 and torch.equal(m[1], torch.ones(5, 3))
+    for m in (attn.cached_k[1], attn.cached_v[1]):  # clip of video 1: untouched
+        assert torch.equal(m, torch.ones(2, 5, 3))
+    # in the model: two streams for 3 clips, then one stream of another video. Its memory is
+    # zeroed, not dropped: the old video no longer matters, but the zero memory still takes
+    # attention (after W_k it is the k bias), so the output is not a fresh model's
+    model = tiny(sampler="all")
+    xs, old = clips(4), clips(3, seed=1)
+
+    @torch.no_grad()
+    def after(history):
+        model.clear_memory()
+        for x in history:
+            model(x, torch.tensor([0, 7]))
+        return model(xs[3][:1], torch.tensor([1]))
+
+    a, b = after(xs[:3]), after(old)
+    assert torch.allclose(a, b, atol=1e-6)
+    fresh = walk(model, [xs[3][:1]], torch.tensor([1]))[0]
+    assert not torch.allclose(a, fresh, atol=1e-4)
+
+
 # ------------------------------------------------------------------ exercise: memory positions
 
 
@@ -467,8 +520,8 @@ def test_memory_positions_bias_matches_a_slow_reference(input_size, k_thw, mem_t
     cols.append(None)
     cols += [("cur", t, y, x) for t in range(k_thw[0]) for y in range(k_thw[1])
              for x in range(k_thw[2])]
-    Th = M.resize_table(attn.rel_pos_mem_h, 2 * max(qh, mh) - 1)
-    Tw = M.resize_table(attn.rel_pos_mem_w, 2 * max(qw, mw) - 1)
+    Th = ref_table(attn.rel_pos_mem_h, 2 * max(qh, mh) - 1)
+    Tw = ref_table(attn.rel_pos_mem_w, 2 * max(qw, mw) - 1)
     slow = torch.zeros(2, 1 + qt * qh * qw, len(cols))
     queries = [(t, y, x) for t in range(qt) for y in range(qh) for x in range(qw)]
     for n, (t, y, x) in enumerate(queries):
@@ -490,6 +543,110 @@ def test_memory_positions_layer_matches_attention_over_explicit_clips(monkeypatc
     # in the layer's own forward: 2 memories of 2x2x2 compressed tokens each
     use_refs(monkeypatch, *POSITIONS)
     check_layer(3, 1, steps=4)
+
+
+def test_memory_positions_space_terms_computed_once_for_all_memories():
+    # the official cost (attention.py cal_rel_pos_spatial / _temporal): every memory has the same
+    # compressed grid, so q . R_h and q . R_w are computed ONCE and shared by the m memories, and
+    # q . R_t once over all Mt frames: 2 * B n qt qh qw d * (Mt + mh + mw) FLOPs. Recomputing the
+    # space terms per memory costs 2 * B n qt qh qw d * m (mt + mh + mw) (MeMViT-16 with two
+    # memories: +2.42% FLOPs over no memory instead of the official +2.32%)
+    torch.manual_seed(0)
+    attn = Attn(8, 8, 2, [8, 4, 4], (3, 3, 3), (3, 3, 3), (1, 1, 1), (1, 2, 2))
+    B, n, qt, qh, qw, d = 2, 2, 8, 4, 4, 4
+    r_q = torch.randn(B, n, qt, qh, qw, d)
+    mt, mh, mw = 2, 2, 2
+    for num_mem in (1, 2):
+        flops = M.C.count_flops(lambda: attn.memory_rel_pos(r_q, [mt, mh, mw], num_mem))
+        assert flops == 2 * B * n * qt * qh * qw * d * (num_mem * mt + mh + mw), (num_mem, flops)
+
+
+# ------------------------------------------------------------------ the ordinary parts
+
+
+def test_rel_pos_helpers_match_a_slow_reference():
+    # get_rel_pos: the stride rule R[i, j] = table[i max(k/q, 1) - j max(q/k, 1) + (k-1) max(q/k, 1)]
+    # for unequal grids both ways; a table of another length is linearly interpolated first
+    torch.manual_seed(0)
+    for q, k in ((8, 2), (2, 4), (3, 3)):
+        table = torch.randn(2 * max(q, k) - 1, 5)
+        R = M.get_rel_pos(q, k, table)
+        assert R.shape == (q, k, 5)
+        for i in range(q):
+            for j in range(k):
+                assert torch.equal(R[i, j], table[sp(i, j, q, k)])
+    short = torch.randn(5, 3)  # 5 rows where 2 * 4 - 1 = 7 are needed
+    want = ref_table(short, 7)[torch.tensor([[sp(i, j, 4, 4) for j in range(4)] for i in range(4)])]
+    assert torch.allclose(M.get_rel_pos(4, 4, short), want, atol=1e-6)
+    # decomposed_rel_pos: every (query, key) pair by hand, 2 heads sharing the tables, with and
+    # without the time axis
+    q_size, k_size, c = (2, 4, 4), (2, 2, 2), 3
+    th, tw, tt = torch.randn(7, c), torch.randn(7, c), torch.randn(3, c)
+    q = torch.randn(1, 2, 2 * 4 * 4, c)
+    queries = [(t, y, x) for t in range(2) for y in range(4) for x in range(4)]
+    keys = [(t, y, x) for t in range(2) for y in range(2) for x in range(2)]
+    for table_t in (tt, None):
+        fast = M.decomposed_rel_pos(q, q_size, k_size, th, tw, table_t)
+        assert fast.shape == (1, 2, 32, 8)
+        for a, (t, y, x) in enumerate(queries):
+            for b, (t2, y2, x2) in enumerate(keys):
+                R = th[sp(y, y2, 4, 2)] + tw[sp(x, x2, 4, 2)]
+                R = R + tt[sp(t, t2, 2, 2)] if table_t is not None else R
+                assert torch.allclose(fast[0, :, a, b], q[0, :, a] @ R, atol=1e-5)
+
+
+MEMORY_WORDS = ("compress_k", "compress_v", "norm_compress_k", "norm_compress_v", "rel_pos_mem_")
+
+
+def test_no_memory_model_has_no_memory_tables_and_loads_an_official_state():
+    # official MEMVIT.ENABLE False (and COMPRESS.ENABLE False, the defaults) builds no
+    # compressors and no rel_pos_mem_* tables: MeMViT-16 without memory has 605 - 16 x 9 = 461 keys
+    sd = M.create_model("16", use_memory=False).state_dict()
+    assert len(sd) == 461 and not [k for k in sd if any(w in k for w in MEMORY_WORDS)]
+    # the parity fixture (official code) without its memory tensors loads strictly into a model
+    # without memory, and at the fixture's first step (nothing cached: no memory read) the
+    # logits are the official ones
+    fx = torch.load(os.path.join(os.path.dirname(__file__), "parity", "memvit.pt"), weights_only=True)
+    cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in fx["config"].items()}
+    torch.manual_seed(0)
+    model = M.create_model("tiny", **cfg, use_memory=False)
+    state = {k: v for k, v in fx["state_dict"].items() if not any(w in k for w in MEMORY_WORDS)}
+    assert len(state) < len(fx["state_dict"])
+    model.load_state_dict(state, strict=True)
+    logits = model(fx["clips"][0], torch.tensor([0, 1]))
+    assert torch.allclose(logits, fx["steps"][0]["logits"], atol=1e-5, rtol=1e-4)
+    model.use_memory = True  # a model built without memory cannot switch it on
+    with pytest.raises(RuntimeError, match="use_memory=False"):
+        model(fx["clips"][0], torch.tensor([0, 1]))
+
+
+def test_weights_load_across_memory_on_and_off(tmp_path, capsys):
+    run = SimpleNamespace(is_main=True)
+    torch.manual_seed(0)
+    with_mem, without = M.create_model("tiny"), M.create_model("tiny", use_memory=False)
+    # a checkpoint with memory into a model without: the memory tensors are dropped, saying so
+    torch.save({"model": with_mem.state_dict()}, tmp_path / "mem.pt")
+    M.load_weights(without, tmp_path / "mem.pt", run)
+    assert "memory" in capsys.readouterr().out
+    for k, v in without.state_dict().items():
+        assert torch.equal(v, with_mem.state_dict()[k]), k
+    # a memory-less checkpoint (official model_state layout) into a model with memory: every key
+    # it has is loaded, the memory's own tensors keep their initialisation, saying so
+    target = M.create_model("tiny")
+    own = {k: v.clone() for k, v in target.state_dict().items()}
+    other = M.create_model("tiny", use_memory=False)
+    torch.save({"model_state": other.state_dict()}, tmp_path / "nomem.pyth")
+    M.load_weights(target, tmp_path / "nomem.pyth", run)
+    assert "start from their initialisation" in capsys.readouterr().out
+    for k, v in target.state_dict().items():
+        memory = any(w in k for w in MEMORY_WORDS)
+        assert torch.equal(v, own[k] if memory else other.state_dict()[k]), k
+    # a head of another class count starts from scratch (fine-tuning), every other key loaded
+    five = M.create_model("tiny", num_classes=5)
+    head = five.head.projection.weight.clone()
+    M.load_weights(five, tmp_path / "mem.pt", run)
+    assert torch.equal(five.head.projection.weight, head)
+    assert torch.equal(five.blocks[0].attn.compress_k.weight, with_mem.blocks[0].attn.compress_k.weight)
 
 
 def test_stream_batches_walk_consecutive_clips_of_one_video():

@@ -3,7 +3,7 @@ The paper-sized models are built on the meta device (shapes only, no memory, no 
 
 The course (mvit.py's Exercises) grades three re-implementations, each by its own tests:
     -k "attention_pool"     attention_pool                     pooling P(.) with the cls token kept apart
-    -k "decomposed"         rel_pos_index, decomposed_rel_pos  the decomposed relative positions
+    -k "decomposed"         get_rel_pos, decomposed_rel_pos    the decomposed relative positions
     -k "pooling_attention"  MultiScaleAttention.forward        heads, E_rel in the logits, residual pooling
 A test of one exercise that needs another exercise's function runs with the slow reference of that
 function below (monkeypatched), so that blanking one exercise fails only its own tests."""
@@ -63,14 +63,30 @@ def ref_index(q_len, k_len):
                          for i in range(q_len)])
 
 
+def ref_resize(table, length):
+    """A (L, c) table linearly resized to (length, c) along its rows, row by row by hand: new row r
+    sits at r * L / length - 1/2 + 1/2 in the old rows' coordinates (align_corners=False) and mixes the
+    two rows around it."""
+    L = table.shape[0]
+    if L == length:
+        return table
+    rows = []
+    for r in range(length):
+        x = min(max((r + 0.5) * L / length - 0.5, 0.0), L - 1)
+        lo = math.floor(x)
+        hi, a = min(lo + 1, L - 1), x - lo
+        rows.append((1 - a) * table[lo] + a * table[hi])
+    return torch.stack(rows)
+
+
 def ref_rel_pos(q, q_grid, k_grid, tables):
     """E[i, j] = q_i . R_{p(i),p(j)} with the full (Nq, Nk, c) table R built by indexing every (query,
     key) pair: R = sum over the axes of table_axis[idx(pos_i[axis], pos_j[axis])]. tables: {axis: table}
-    with axis 0 = t, 1 = h, 2 = w (tables resized with mvit.get_rel_pos, as the model does)."""
+    with axis 0 = t, 1 = h, 2 = w (tables of another length resized linearly, as the model does)."""
     qpos, kpos = torch.tensor(cells(q_grid)), torch.tensor(cells(k_grid))  # (Nq, 3), (Nk, 3)
     R = 0
     for ax, table in tables.items():
-        table = mvit.get_rel_pos(table, 2 * max(q_grid[ax], k_grid[ax]) - 1)
+        table = ref_resize(table, 2 * max(q_grid[ax], k_grid[ax]) - 1)
         idx = ref_index(q_grid[ax], k_grid[ax]).to(table.device)
         R = R + table[idx[qpos[:, ax][:, None], kpos[:, ax][None, :]]]  # (Nq, Nk, c)
     return torch.einsum("bnqc,qkc->bnqk", q, R)
@@ -195,6 +211,40 @@ def test_kv_pooling_flops_of_T_at_224():
     assert weights(pooled) == weights(full) and n_params(full) > n_params(pooled)
 
 
+def test_video_presets_take_the_k400_configs_regularization():
+    # SlowFast configs/Kinetics/MVITv2_S_16x4.yaml: DROPPATH_RATE 0.2, MODEL.DROPOUT_RATE 0.5 (B_32x3:
+    # 0.3, 0.5); the IN-1K image configs keep 0.1 (S) / 0.3 (B) and no dropout before the head
+    for name, (video_dp, image_dp) in {"S": (0.2, 0.1), "B": (0.3, 0.3), "L": (0.75, 0.5)}.items():
+        video, image = meta_model(name, video=True, num_classes=400), meta_model(name)
+        assert math.isclose(video.blocks[-1].drop_path.p, video_dp), name
+        assert math.isclose(image.blocks[-1].drop_path.p, image_dp), name
+        assert isinstance(video.head.dropout, torch.nn.Dropout) and video.head.dropout.p == 0.5, name
+        assert isinstance(image.head.dropout, torch.nn.Identity), name
+    assert meta_model("L", video=True).blocks[2].attn.qkv.weight.shape[0] == 3 * 288  # width doubles in attention
+    assert meta_model("S", video=True, drop_path_rate=0.0).blocks[-1].drop_path.p == 0.0  # an override wins
+
+
+def test_video_models_initialise_as_slowfast_image_models_as_the_image_repo():
+    # SlowFast's MViT._init_weights: Linear and Conv2d/Conv3d weights trunc_normal(0.02), Linear and
+    # LayerNorm biases 0.02; facebookresearch/mvit's: Linear weights trunc_normal(0.02), biases 0,
+    # convolutions left at PyTorch's default (kaiming uniform: std 1/sqrt(3 * fan_in), 0.19 for the
+    # 3x3 depthwise pool convs)
+    torch.manual_seed(0)
+    video, image = mvit.create_model("tiny", video=True, num_frames=8), mvit.create_model("tiny")
+    convs = lambda m: [c for c in m.modules() if isinstance(c, (torch.nn.Conv2d, torch.nn.Conv3d))]
+    for conv in convs(video):
+        assert abs(conv.weight.std().item() - 0.02) < 0.004 and conv.weight.abs().max() <= 2.0
+    assert all(conv.weight.std().item() > 0.1 for conv in convs(image) if conv.groups > 1)  # pool convs
+    for m, bias in ((video, 0.02), (image, 0.0)):
+        for mod in m.modules():
+            if isinstance(mod, (torch.nn.Linear, torch.nn.LayerNorm)) and mod.bias is not None:
+                assert torch.all(mod.bias == bias), mod
+            if isinstance(mod, torch.nn.LayerNorm):
+                assert torch.all(mod.weight == 1)
+            if isinstance(mod, torch.nn.Linear):
+                assert abs(mod.weight.std().item() - 0.02) < 0.004
+
+
 # ------------------------------------------------------------------ multiscale geometry
 
 
@@ -228,20 +278,40 @@ def test_video_patch_embedding_and_temporal_table():
 # ------------------------------------------------------------------ decomposed relative positions
 
 
-def test_decomposed_rel_pos_index_examples_and_range():
-    # T block 0: q grid 56, kv grid 14 -> idx = i - 4j + 52, table of 111 rows (the last 3 unused)
-    idx = mvit.rel_pos_index(56, 14)
+def rows_of(q_len, k_len):
+    """get_rel_pos on a table whose row r holds the number r: the row index of every (query, key) pair."""
+    table = torch.arange(2 * max(q_len, k_len) - 1, dtype=torch.float64)[:, None]  # (L, 1)
+    R = mvit.get_rel_pos(q_len, k_len, table)
+    assert tuple(R.shape) == (q_len, k_len, 1)
+    return R[..., 0].long()
+
+
+def test_decomposed_rel_pos_table_rows_examples_and_range():
+    # T block 0: q grid 56, kv grid 14 -> row i - 4j + 52 of a table of 111 rows (the last 3 unused)
+    idx = rows_of(56, 14)
     i, j = torch.arange(56)[:, None], torch.arange(14)[None, :]
     assert torch.equal(idx, i - 4 * j + 52) and idx.min() == 0 and idx.max() == 107
-    # T block 3 (q pooled 28 -> 14, kv stays 28): idx = 2i - j + 27
-    assert torch.equal(mvit.rel_pos_index(14, 28), 2 * torch.arange(14)[:, None] - torch.arange(28)[None, :] + 27)
+    # T block 3 (q pooled 28 -> 14, kv stays 28): row 2i - j + 27
+    assert torch.equal(rows_of(14, 28), 2 * torch.arange(14)[:, None] - torch.arange(28)[None, :] + 27)
     for q_len, k_len in [(56, 14), (14, 28), (28, 14), (7, 7), (8, 3), (3, 8), (5, 3), (3, 5), (7, 4)]:
-        idx = mvit.rel_pos_index(q_len, k_len)
-        assert idx.dtype == torch.long and tuple(idx.shape) == (q_len, k_len)
+        idx = rows_of(q_len, k_len)
         assert idx.min() >= 0 and idx.max() <= 2 * max(q_len, k_len) - 2
         assert torch.equal(idx, ref_index(q_len, k_len)), (q_len, k_len)  # floor, also for ratios like 8/3
     # equal grids: the plain relative distance i - j shifted by L - 1
-    assert torch.equal(mvit.rel_pos_index(5, 5), torch.arange(5)[:, None] - torch.arange(5)[None, :] + 4)
+    assert torch.equal(rows_of(5, 5), torch.arange(5)[:, None] - torch.arange(5)[None, :] + 4)
+    # the rows themselves, all channels: R[i, j] = table[idx[i, j]]
+    table = torch.randn(2 * 8 - 1, 4)
+    assert torch.equal(mvit.get_rel_pos(8, 3, table), table[ref_index(8, 3)])
+
+
+def test_decomposed_rel_pos_tables_of_another_length_are_resized():
+    # a table built for another resolution is linearly resized along its rows to 2 * max - 1
+    torch.manual_seed(0)
+    for rows, q_len, k_len in [(13, 14, 14), (27, 7, 7), (27, 28, 14), (15, 4, 2)]:
+        table = torch.randn(rows, 3, dtype=torch.float64)
+        want = ref_resize(table, 2 * max(q_len, k_len) - 1)[ref_index(q_len, k_len)]
+        assert torch.allclose(mvit.get_rel_pos(q_len, k_len, table), want, atol=1e-12), (rows, q_len, k_len)
+    assert torch.equal(mvit.get_rel_pos(7, 7, torch.ones(27, 2)), torch.ones(7, 7, 2))
 
 
 def pairwise_rel_pos(q, q_grid, k_grid, tables):
@@ -315,10 +385,6 @@ def test_decomposed_rel_pos_where_the_model_uses_it(monkeypatch, video, size):
 
 
 def test_rel_pos_tables_interpolate_to_other_resolutions():
-    t = torch.randn(27, 4)
-    assert mvit.get_rel_pos(t, 27) is t
-    assert tuple(mvit.get_rel_pos(t, 55).shape) == (55, 4)
-    assert torch.allclose(mvit.get_rel_pos(torch.ones(13, 2), 27), torch.ones(27, 2))
     m = mvit.create_model("tiny", num_classes=3).eval()  # tables built for 32 px
     for shape in [(1, 3, 64, 64), (1, 3, 32, 48)]:
         assert torch.isfinite(m(torch.randn(shape))).all()

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+import common as C
 import revvit as R
 
 
@@ -339,12 +340,37 @@ def test_revbackprop_saved_bytes_flat_for_reversible_and_linear_for_vanilla(monk
         m = small_model(depth=depth, drop_path_rate=0.1, dtype=torch.float32)
         for store, vanilla in ((rev, False), (van, True)):
             m.no_custom_backward = vanilla
-            store[depth] = R.saved_bytes(lambda: m(x).sum(), list(m.parameters()))[0]
+            store[depth] = C.saved_bytes(lambda: m(x).sum(), list(m.parameters()))[0]
     assert rev[2] == rev[4] == rev[8] == rev[16] > 0
     per_block = (van[4] - van[2]) / 2
     assert per_block > 0
     assert van[8] - van[4] == 4 * per_block and van[16] - van[8] == 8 * per_block  # exactly linear
     assert van[16] > 10 * rev[16]
+
+
+def test_revbackprop_peak_memory_of_forward_and_backward_barely_grows_with_depth(monkeypatch):
+    # The true peak (every tensor storage made and not yet freed, C.peak_memory) of forward + backward.
+    # Vanilla: each block adds at least what autograd saves for it. Reversible: each block adds only
+    # its parameters' gradients, at most twice (the Function returns them, autograd copies them into
+    # .grad at the end) -- never the block's activations.
+    use_refs(monkeypatch, "forward", "backward_pass")
+    cpu = type("Run", (), {"device": torch.device("cpu")})()
+    x, y = batch(torch.float32, B=8)
+    x = x.detach()
+    peak, saved = {}, {}
+    for depth in (4, 8, 16):
+        m = small_model(depth=depth, drop_path_rate=0.1, dtype=torch.float32)
+        for vanilla in (False, True):
+            m.no_custom_backward = vanilla
+            m.zero_grad(set_to_none=True)
+            peak[depth, vanilla] = C.peak_memory(lambda: R.loss_fn(m, (x, y)).backward(), cpu)[0]
+            saved[depth, vanilla] = C.saved_bytes(lambda: R.loss_fn(m, (x, y)), list(m.parameters()))[0]
+    block_params = sum(p.numel() * 4 for p in m.rev_backbone.layers[0].parameters())
+    for a, b in ((4, 8), (8, 16)):
+        per_block = lambda d, v: (d[b, v] - d[a, v]) / (b - a)
+        assert 0 < per_block(peak, False) <= 2 * block_params
+        assert per_block(peak, True) >= per_block(saved, True) > 4 * block_params
+    assert peak[16, False] < peak[16, True] / 3
 
 
 def test_revbackprop_recomputes_under_the_forwards_autocast(monkeypatch):

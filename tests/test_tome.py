@@ -438,3 +438,21 @@ def test_flops_match_the_paper_and_the_counter():
         counted = tome.counted_flops(model, images(1), r)
         analytic = tome.analytic_flops(model, tome.parse_r(4, r))
         assert abs(counted / analytic - 1) < 0.02
+
+
+def test_sincos_table_is_maes():
+    # the same concept, the same name and numbers as mae.py (there in float64, here in float32)
+    import mae
+    for D, g in ((96, 8), (192, (4, 6))):
+        ours = tome.get_2d_sincos_pos_embed(D, g, cls_token=True)
+        assert ours.dtype == torch.float32 and torch.equal(ours[0], torch.zeros(D))
+        torch.testing.assert_close(ours, mae.get_2d_sincos_pos_embed(D, g, cls_token=True), atol=1e-5, rtol=0)
+    model = tome.create_model("tiny")
+    assert torch.equal(model.pos_embed[0], tome.get_2d_sincos_pos_embed(96, 8, cls_token=True))
+
+
+def test_command_line_rejects_a_negative_r(tmp_path, capsys):
+    for argv in (["--r", "-1"], ["--r_eval", "0,-4"], ["--r_eval", "a,b"]):
+        with pytest.raises(SystemExit):
+            tome.main(argv + ["--out", str(tmp_path)])
+        assert ">= 0" in capsys.readouterr().err

@@ -509,8 +509,9 @@ def test_official_init():
     assert 0.01 < m.pos_embed_spatial.std() < 0.03
 
 
-def test_pyslowfast_checkpoint_loads_after_renaming(tmp_path):
-    """The released files store the decoder as pred_head.* with dec_pos_embed_*; they load strictly."""
+def test_pyslowfast_checkpoint_loads_after_renaming(tmp_path, capsys):
+    """The released files store the decoder as pred_head.* with dec_pos_embed_*; they load strictly,
+    and the log names the head count the load really set (width / 64, not always 8)."""
     src = small()
     sd, depth = src.state_dict(), len(src.decoder_blocks)
     ported = {}
@@ -538,6 +539,7 @@ def test_pyslowfast_checkpoint_loads_after_renaming(tmp_path):
     for k, v in dst.state_dict().items():
         assert torch.equal(v, torch.zeros_like(v) if k == "decoder_cls_token" else sd[k]), k
     assert dst.decoder_blocks[0].attn.num_heads == 1            # 64-d decoder / 64 per head
+    assert "1 decoder heads = width 64 / 64" in capsys.readouterr().out
 
 
 def test_flops_match_the_analytic_formula_and_the_paper_ratio():

@@ -5,7 +5,12 @@ The exercises of vitdet.py are graded by `-k "window"`, `-k "rel_pos"`, `-k "pyr
 monkeypatches it with the slow reference written here, so that blanking one exercise fails its own
 tests only."""
 import functools
+import json
 import math
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import common as C
 import vitdet as V
 
 # ================================================================ slow, obvious references
@@ -61,7 +67,7 @@ def ref_rel_index(i, j, q, k):
     return int(i * max(k / q, 1.0) - j * max(q / k, 1.0) + (k - 1) * max(q / k, 1.0))
 
 
-def ref_rel_pos_bias(q, rel_pos_h, rel_pos_w, q_size, k_size):
+def ref_rel_pos_bias(q, q_size, k_size, rel_pos_h, rel_pos_w):
     """E[(ih, iw), (jh, jw)] = q_(ih, iw) . R_h[ih - jh] + q_(ih, iw) . R_w[iw - jw], entry by entry."""
     (qh, qw), (kh, kw) = q_size, k_size
     rh = ref_resize_table(rel_pos_h, 2 * max(qh, kh) - 1)
@@ -91,7 +97,7 @@ def ref_attention(attn, x):
         q, k, v = (qkv[..., part * C + h * d: part * C + (h + 1) * d] for part in range(3))  # (B, N, d)
         logits = (q @ k.transpose(1, 2)) / math.sqrt(d)
         if attn.use_rel_pos:
-            logits = logits + ref_rel_pos_bias(q, attn.rel_pos_h, attn.rel_pos_w, (H, W), (H, W))  # unscaled q
+            logits = logits + ref_rel_pos_bias(q, (H, W), (H, W), attn.rel_pos_h, attn.rel_pos_w)  # unscaled q
         heads.append(logits.softmax(-1) @ v)
     out = torch.cat(heads, -1) @ attn.proj.weight.t() + attn.proj.bias
     return out.reshape(B, H, W, C)
@@ -145,7 +151,7 @@ def ref_rel_pos(monkeypatch):
 def shape_only_rel_pos(monkeypatch):
     """For meta-device (shape only) runs at 1024: a bias of the right shape, no values."""
     monkeypatch.setattr(V, "decomposed_rel_pos",
-                        lambda q, rh, rw, qs, ks: q.new_zeros(q.shape[0], qs[0] * qs[1], ks[0] * ks[1]))
+                        lambda q, qs, ks, rh, rw: q.new_zeros(q.shape[0], qs[0] * qs[1], ks[0] * ks[1]))
 
 
 class StubPyramid(nn.Module):
@@ -297,7 +303,7 @@ def test_decomposed_rel_pos_equals_full_table(qh, qw):
     torch.manual_seed(0)
     c = 5
     rh, rw, q = torch.randn(2 * qh - 1, c), torch.randn(2 * qw - 1, c), torch.randn(2, qh * qw, c)
-    bias = V.decomposed_rel_pos(q, rh, rw, (qh, qw), (qh, qw))
+    bias = V.decomposed_rel_pos(q, (qh, qw), (qh, qw), rh, rw)
     ref = torch.zeros(2, qh * qw, qh * qw)
     for i in range(qh * qw):
         for j in range(qh * qw):
@@ -528,6 +534,19 @@ def test_layer_decay_multipliers_vit_b():
     assert r("backbone.simfp_2.0.weight") == 1.0 and r("head.cls_score.weight") == 1.0
 
 
+@pytest.mark.parametrize("name, exempt", [("base", True), ("large", True), ("huge", False), ("tiny", True)])
+def test_weight_decay_exceptions_per_preset(stub_pyramid, name, exempt):
+    # ViTDet-B / L: weight_decay_norm 0.0 (optim.py) and overrides {"pos_embed": wd 0}; ViTDet-H
+    # (mask_rcnn_vitdet_h_75ep.py): overrides {} and weight_decay_norm None: everything decays
+    with torch.device("meta"):
+        model = V.create_model(name)
+    wd = {id(p): g["weight_decay"] for g in V.optimizer_groups(model, 0.1, 0.9) for p in g["params"]}
+    named = dict(model.named_parameters())
+    for k in ["backbone.net.pos_embed", "backbone.net.blocks.0.norm1.weight", "backbone.net.blocks.3.norm2.bias"]:
+        assert wd[id(named[k])] == (0.0 if exempt else 0.1), k
+    assert wd[id(named["backbone.net.blocks.0.attn.qkv.weight"])] == 0.1
+
+
 def test_weight_decay_exceptions():
     model = V.create_model("tiny", num_classes=3)
     wd = {id(p): g["weight_decay"] for g in V.optimizer_groups(model, 0.1, 0.7) for p in g["params"]}
@@ -752,17 +771,18 @@ def _ap(dets, gts, k=2):
 
 
 GT = [([[0, 0, 10, 10], [20, 20, 40, 30]], [0, 1]), ([[5, 5, 25, 25]], [0])]
+ONE = pytest.approx(1.0, abs=1e-12)  # pycocotools' precision is tp / (tp + fp + eps): a perfect AP is 1 - 2e-16
 
 
 def test_ap_perfect_boxes():
     dets = [(b, [0.9] * len(l), l) for b, l in GT]
-    assert _ap(dets, GT) == {"ap": 1.0, "ap50": 1.0, "ap75": 1.0}
+    assert _ap(dets, GT) == {"ap": ONE, "ap50": ONE, "ap75": ONE}
 
 
 def test_ap_shifted_boxes():
     # shifting a 10x10 box by 1 px gives IoU 90/110 = 0.818: a hit at 0.50 ... 0.80 (7 of 10 thresholds)
     r = _ap([([[1, 0, 11, 10]], [0.9], [0])], [([[0, 0, 10, 10]], [0])], k=1)
-    assert r["ap"] == pytest.approx(0.7) and r["ap50"] == 1.0 and r["ap75"] == 1.0
+    assert r["ap"] == pytest.approx(0.7) and r["ap50"] == ONE and r["ap75"] == ONE
     # IoU 50/150 = 1/3: never a hit
     assert _ap([([[5, 0, 15, 10]], [0.9], [0])], [([[0, 0, 10, 10]], [0])], k=1)["ap50"] == 0.0
 
@@ -772,13 +792,13 @@ def test_ap_no_boxes():
     assert _ap([([[0, 0, 1, 1]], [0.5], [0])], [([], [])])["ap"] == -1.0  # no ground truth at all
     # a class without ground truth is left out of the mean, as pycocotools does
     dets = [(b, [0.9] * len(l), l) for b, l in GT] + [([[0, 0, 5, 5]], [0.99], [2])]
-    assert _ap(dets, GT + [([], [])], k=3)["ap"] == 1.0
+    assert _ap(dets, GT + [([], [])], k=3)["ap"] == ONE
 
 
 def test_ap_duplicates():
     gt = [([[0, 0, 10, 10]], [0])]
     # a duplicate below the true positive costs nothing: precision 1 is reached at recall 1 first
-    assert _ap([([[0, 0, 10, 10], [0, 0, 10, 10]], [0.9, 0.8], [0, 0])], gt, k=1)["ap"] == 1.0
+    assert _ap([([[0, 0, 10, 10], [0, 0, 10, 10]], [0.9, 0.8], [0, 0])], gt, k=1)["ap"] == ONE
     # a wrong box ranked above the right one: precision 1/2 at recall 1
     r = _ap([([[20, 20, 30, 30], [0, 0, 10, 10]], [0.9, 0.8], [0, 0])], gt, k=1)
     assert r["ap"] == pytest.approx(0.5) and r["ap50"] == pytest.approx(0.5)
@@ -789,7 +809,7 @@ def test_ap_greedy_by_score_not_best_assignment():
     # at t <= 0.80 (7 thresholds) TP then FP (AP 1); at 0.85 ... 0.95 FP then TP (AP 0.5)
     gt = [([[0, 0, 10, 10]], [0])]
     r = _ap([([[0, 0, 10, 12], [0, 0, 10, 10]], [0.9, 0.8], [0, 0])], gt, k=1)
-    assert r["ap"] == pytest.approx((7 + 3 * 0.5) / 10) and r["ap50"] == 1.0 and r["ap75"] == 1.0
+    assert r["ap"] == pytest.approx((7 + 3 * 0.5) / 10) and r["ap50"] == ONE and r["ap75"] == ONE
 
 
 def test_ap_best_unmatched_gt_each_gt_matched_once():
@@ -803,10 +823,26 @@ def test_ap_best_unmatched_gt_each_gt_matched_once():
     assert r["ap"] == pytest.approx((4 * 51 + 6 * 25.5) / 1010)
 
 
+def test_ap_equal_ious_take_the_last_ground_truth_as_pycocotools():
+    # det 1 lies between A and B with the same IoU 80/120 = 0.67 to both; pycocotools' evaluateImg
+    # (`if ious[dind, gind] < iou: continue`) keeps the LAST of equal IoUs: det 1 takes B, and det 2,
+    # which is B exactly, finds B taken and A too far (60/140): TP, FP at t <= 0.65 (precision 1 up
+    # to recall 1/2: 51 of 101 points); at t >= 0.70 det 1 misses, det 2 takes B: FP, TP.
+    # (Taking the first, A, would let det 2 take B: AP 1 at t <= 0.65.)
+    gt = [([[0, 0, 10, 10], [4, 0, 14, 10]], [0, 0])]
+    dets = [([[2, 0, 12, 10], [4, 0, 14, 10]], [0.9, 0.8], [0, 0])]
+    r = _ap(dets, gt, k=1)
+    assert r["ap50"] == pytest.approx(51 / 101) and r["ap75"] == pytest.approx(25.5 / 101)
+    assert r["ap"] == pytest.approx((4 * 51 + 6 * 25.5) / 1010)
+    d = [(torch.tensor(b, dtype=torch.float), torch.tensor(sc), torch.tensor(l)) for b, sc, l in dets]
+    g = [(torch.tensor(b, dtype=torch.float), torch.tensor(l)) for b, l in gt]
+    assert ref_coco_ap(d, g, 1)["ap"] == pytest.approx(r["ap"], abs=1e-12)  # the loop reference agrees
+
+
 def test_ap_iou_threshold_is_inclusive():
     # IoU exactly 100/200 = 0.5: a hit at t = 0.5 only
     r = _ap([([[0, 0, 10, 10]], [0.9], [0])], [([[0, 0, 10, 20]], [0])], k=1)
-    assert r == {"ap": pytest.approx(0.1), "ap50": 1.0, "ap75": 0.0}
+    assert r == {"ap": pytest.approx(0.1), "ap50": ONE, "ap75": 0.0}
 
 
 def test_ap_sorted_by_score_over_all_images_101_point_interpolation():
@@ -818,7 +854,7 @@ def test_ap_sorted_by_score_over_all_images_101_point_interpolation():
     assert _ap(dets, gt, k=1)["ap"] == pytest.approx((51 + 50 * 2 / 3) / 101)
     # the same false positive below both: AP 1
     dets[1] = ([[50, 50, 60, 60]], [0.6], [0])
-    assert _ap(dets, gt, k=1)["ap"] == 1.0
+    assert _ap(dets, gt, k=1)["ap"] == ONE
 
 
 def test_ap_at_most_100_detections_per_image():
@@ -916,6 +952,77 @@ def test_ap_equals_loop_reference_on_random_detections():
     assert 0.1 < ref["ap"] < 0.9  # neither trivial case
     for k in ("ap", "ap50", "ap75"):
         assert got[k] == pytest.approx(ref[k], abs=1e-12), k
+
+
+def test_nms_equals_greedy_loop_and_max_keep_cuts_it():
+    # greedy NMS by score: a box is kept unless a kept box of higher score overlaps it by IoU > t
+    g = torch.Generator().manual_seed(0)
+    xy = 30 * torch.rand(200, 2, generator=g)
+    boxes, scores = torch.cat([xy, xy + 1 + 8 * torch.rand(200, 2, generator=g)], 1), torch.rand(200, generator=g)
+    order = sorted(range(200), key=lambda i: -scores[i].item())
+    kept = []
+    for i in order:
+        if all(_py_iou(boxes[i].tolist(), boxes[j].tolist()) <= 0.5 for j in kept):
+            kept.append(i)
+    assert 10 < len(kept) < 190
+    assert V.nms(boxes, scores, 0.5).tolist() == kept
+    assert V.nms(boxes, scores, 0.5, max_keep=10).tolist() == kept[:10]
+
+
+def test_detect_takes_the_top_k_on_each_level():
+    # detectron2's FCOS inference: score threshold and top-k per level, then the levels together.
+    # Level stride 8 (4 points) scores above level stride 16 (2 points); with top-2 per level both
+    # stride-16 candidates survive (over the levels together they would not). Boxes far apart: no NMS.
+    points = torch.tensor([[4.0, 4], [20, 4], [36, 4], [52, 4], [8, 40], [40, 40]])
+    strides = torch.tensor([8.0] * 4 + [16.0] * 2)
+    logits = torch.tensor([[3.0], [2.5], [2.0], [1.5], [0.5], [0.0]])[None]  # (1, 6, 1)
+    out = dict(points=points, strides=strides, logits=logits, deltas=torch.full((1, 6, 4), 0.2),
+               ctr=torch.full((1, 6), 20.0))
+    boxes, scores, labels = V.detect(out, 64, score_thresh=0.05, nms_thresh=0.6, topk=2)[0]
+    want = torch.tensor([0, 1, 4, 5])  # the top 2 of each level
+    torch.testing.assert_close(scores, logits[0, want, 0].sigmoid().sqrt())  # sqrt(cls * ctr), ctr ~ 1
+    torch.testing.assert_close(boxes, torch.cat([points[want] - 0.2 * strides[want, None],
+                                                 points[want] + 0.2 * strides[want, None]], 1))
+    assert labels.tolist() == [0] * 4
+    # the score threshold too is per candidate: a level with nothing above it adds nothing
+    boxes, scores, _ = V.detect(out, 64, score_thresh=0.8, topk=2)[0]  # level 16's best: sqrt(sigmoid(0.5)) = 0.79
+    torch.testing.assert_close(scores, logits[0, :2, 0].sigmoid().sqrt())
+
+
+@pytest.mark.parametrize("n, world", [(13, 2), (7, 3), (2, 4), (9, 1)])
+def test_sharded_evaluation_gathers_every_image_once_in_order(n, world):
+    # what each rank's sharded evaluation loader (C.make_loader, train=False) holds under torchrun:
+    # DistributedSampler without shuffle, padded to a multiple of the world size; gathered, every
+    # held-out image once, in the dataset's order (so that AP and the picture see the whole set)
+    ds = list(range(n))
+    parts = [[ds[i] for i in torch.utils.data.DistributedSampler(ds, world, r, shuffle=False)] for r in range(world)]
+    assert V.in_dataset_order(parts, n) == ds
+
+
+def test_torchrun_two_processes_give_the_one_process_detections(tmp_path):
+    # the evaluation policy: each rank detects on its shard of the 7 held-out images (4 + 3, the
+    # sampler pads one), rank 0 gathers them for the AP; the same checkpoint evaluated in one process
+    # gives the same detections.json and AP
+    root = os.path.dirname(os.path.abspath(V.__file__))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          os.path.join(root, "vitdet.py"), "--n_train", "16", "--n_val", "7", "--epochs", "1",
+                          "--batch_size", "2", "--score_thresh", "0.0", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300, env=env, cwd=root)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = json.loads((tmp_path / "detections.json").read_text())
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    args = SimpleNamespace(data=None, input_size=64, model="tiny", score_thresh=0.0, nms_thresh=0.6, batch_size=2,
+                           num_workers=0, eval_max=2000)
+    _, val_ds, classes = V.make_data(args, 16, 7)
+    model = V.create_model("tiny", num_classes=len(classes))
+    model.load_state_dict(C.load_checkpoint(tmp_path / "checkpoint.pt")["model"])
+    run = SimpleNamespace(device=torch.device("cpu"), distributed=False, amp_dtype=None, world_size=1, rank=0, is_main=True)
+    dets, gts, metas = V.evaluate(model, C.make_loader(val_ds, args, run, False, C.collate_detection), args, run)
+    assert len(dets) == 7 and [int(i) for i, _ in metas] == list(range(7))
+    single = [(int(i), round(sc, 4)) for (_, scores, _), (i, _) in zip(dets, metas) for sc in scores.tolist()]
+    assert [(r["image_id"], r["score"]) for r in rows] == single and len(single) > 7
+    assert metrics["ap"] == pytest.approx(V.coco_ap(dets, gts, len(classes))["ap"], abs=1e-6)
 
 
 # ---------------------------------------------------------------- the whole script
