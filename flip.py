@@ -711,7 +711,10 @@ def from_flax(flat, source):
     sd["img_proj.weight"] = get("img_mlp1/kernel", True)
     sd["txt_proj.weight"] = get("txt_mlp1/kernel", True)
     sd["logit_scale"] = get("logit_scale").reshape(1)
-    return sd  # the image pos_embedding is fixed sin-cos: regenerated, as the official loader does
+    # the image pos_embedding is fixed sin-cos (never trained): left out here and regenerated for the
+    # model's size; the official loader (remove_pos_embed) drops it only when its shape differs and
+    # otherwise loads the saved copy, which holds the same numbers
+    return sd
 
 
 def load_weights(model, path, run):

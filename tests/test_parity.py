@@ -10,11 +10,24 @@ commit in each maker's docstring); CI runs only this comparison.
 Tolerance: float32 throughout, ATOL / RTOL below. Where our attention goes through
 scaled_dot_product_attention and the official code through an explicit softmax the last bits
 differ: measured max |ours - official| at most 1e-6 on outputs and 3.3e-6 on gradients (whose
-size goes up to 10; MAE: bit-identical). A real departure (proportional attention off, a biased
-variance in the norm-pix target, positions laid out space-major, LayerNorm after the mean, the
-rel-pos distance reversed, mean pooling instead of the cls token, MeMViT's memory off or not
-zeroed at a change of video) shows as 4e-3 or more; MeMViT's compression run without gradient
-shows as 7.5e-5 on the compressor's gradients (which are about 1e-4).
+size goes up to 10; MAE: bit-identical; ViTDet: 3.6e-7 on the ViT's last map, 2.5e-6 on the
+pyramid's levels of size up to 3.3 after its deconvolutions and channel LayerNorms, 1.6e-6 on
+gradients up to 2.1). A real departure (proportional attention off, a biased variance in the
+norm-pix target, positions laid out space-major, LayerNorm after the mean, the rel-pos distance
+reversed, mean pooling instead of the cls token, MeMViT's memory off or not zeroed at a change
+of video; ViTDet's windows padded at the top-left, pos_embed resized bilinearly, q scaled in the
+rel-pos term, rel-pos tables resized by nearest, no residual conv block, the pyramid's LayerNorm
+eps 1e-5) shows as 2e-3 or more (ViTDet's GELU in its tanh form: 7.5e-5); MeMViT's compression
+run without gradient shows as 7.5e-5 on the compressor's gradients (which are about 1e-4).
+
+FLIP is compared with the official JAX / Flax code: its fixture holds the raw t5x parameter
+tree (official '/'-joined names, JAX layouts), which the test converts with flip.from_flax
+before the strict load, so the conversion is pinned too. Measured: 9.5e-7 on outputs of size up
+to 2.4, 4.8e-6 on a loss of 12 (logit scale clipped to ln 100), 2.6e-6 on gradients up to 4.7.
+Departures seen (in a scratch copy of flip.py): block LayerNorm eps 1e-5 1.2e-4, exact GELU
+1.4e-4 (pooled image tower, about 1.3), queries not scaled 0.37, q and k swapped by the
+conversion 0.18, positions added after masking to the first kept slots 0.097 (masked loss),
+the logit scale not clipped 3.3e-3 (temperature 0.01), sin-cos rows and columns swapped 2.0.
 
 Rev-ViT is compared with SlowFast, whose names and order (LayerNorm, then mean) revvit.py
 follows, not with karttikeya/minREV: minREV's parameters are named otherwise (pos_embeddings,
@@ -235,3 +248,125 @@ def test_memvit_parity():
         close(logits, step["logits"], f"logits at step {t + 1}")
         (logits * step["grad_weight"]).sum().backward()
     check_grads(model, {}, fx["steps"][-1]["grads"])
+
+
+# --------------------------------------------------------------------------------------- FLIP
+
+def flip_model(fx):
+    """Ours at the fixture's sizes, loaded from the RAW official parameter tree (t5x names, JAX
+    layouts: [in, out] kernels, q / k / v as (D, heads, D / heads), an HWIO patch conv) through
+    flip.from_flax, so that the conversion is pinned with the model. from_flax leaves out the
+    image position table (fixed sin-cos, regenerated): ours must equal the official one."""
+    import flip
+    model = flip.create_model("tiny", **fx["config"])
+    sd = flip.from_flax({k: v.numpy() for k, v in fx["params"].items()}, "flip.pt")
+    table = model.visual.pos_embed.detach().clone()
+    close(table, fx["params"]["img_encoder/posembed_encoder/pos_embedding"], "sin-cos positions")
+    strict_load(model, {**sd, "visual.pos_embed": table})
+    return flip, model
+
+
+def test_flip_parity_unmasked():
+    """Official models_flip.FLIP, apply(train=False) (no masking): the pooled image tower (mean
+    of all tokens after the final LayerNorm) and text tower (first token), the projections before
+    and after the L2 normalisation, the clipped temperature and the contrastive loss."""
+    fx = load("flip")
+    flip, model = flip_model(fx)
+    u = fx["unmasked"]
+    model.eval()
+    with torch.no_grad():
+        h_img, mask = model.visual(fx["imgs"])
+        assert mask is None
+        h_txt = model.text(fx["tokens"])
+        close(h_img, u["h_img"], "pooled image tower")
+        close(h_txt, u["h_txt"], "pooled text tower")
+        close(model.img_proj(h_img), u["z_img_raw"], "image projection")
+        close(model.txt_proj(h_txt), u["z_txt_raw"], "text projection")
+        z_img, z_txt, s = model(fx["imgs"], fx["tokens"])
+        close(z_img, u["z_img"], "normalised image embedding")
+        close(z_txt, u["z_txt"], "normalised text embedding")
+        close((-s).exp(), u["tau"], "temperature")
+        close(flip.flip_loss(z_img, z_txt, s), u["loss"], "contrastive loss")
+        for value in (5.0, -0.5):  # outside [0, ln 100]: the official clip
+            model.logit_scale.fill_(value)
+            s = model.clipped_logit_scale()
+            close((-s).exp(), u[f"tau_at_{value}"], f"temperature at logit scale {value}")
+            close(flip.flip_loss(z_img, z_txt, s), u[f"loss_at_{value}"], f"loss at scale {value}")
+
+
+def test_flip_parity_masked(monkeypatch):
+    """Official apply(train=True), mask ratio 0.5: the same uniform noise decides the masking
+    (our random_masking takes no noise, so the official draw stands in for torch.rand), the same
+    mask, the loss, and its gradients (official jax.grad, through from_flax to our names)."""
+    fx = load("flip")
+    flip, model = flip_model(fx)
+    m = fx["masked"]
+    draws = []
+
+    def official_noise(*shape, **kwargs):
+        assert tuple(shape) == tuple(m["noise"].shape), f"noise of shape {shape} asked for"
+        draws.append(shape)
+        return m["noise"].clone()
+    monkeypatch.setattr(torch, "rand", official_noise)
+    model.train()
+    with torch.no_grad():
+        _, mask = model.encode_image(fx["imgs"], m["mask_ratio"])
+    assert torch.equal(mask, m["mask"]), "another mask from the same noise"
+    assert (mask.sum(1) == 18).all(), "half of the 36 patches removed"
+    assert (fx["unmasked"]["loss"] - m["loss"]).abs() > 0.1  # the masking moves the loss
+    z_img, z_txt, s = model(fx["imgs"], fx["tokens"], mask_ratio=m["mask_ratio"])
+    assert len(draws) == 2, "one draw per image batch (the text is not masked)"
+    loss = flip.flip_loss(z_img, z_txt, s)
+    close(loss, m["loss"], "masked contrastive loss")
+    loss.backward()
+    grads = m["grads"]
+    assert not grads["img_encoder/posembed_encoder/pos_embedding"].any()  # stop_gradient
+    check_grads(model, {}, flip.from_flax({k: v.numpy() for k, v in grads.items()}, "grads"))
+
+
+# ------------------------------------------------------------------------------------- ViTDet
+
+def vitdet_outputs(backbone, images):
+    """Ours under detectron2's names: the ViT's last map ("last_feat") and the pyramid's levels."""
+    out = {"last_feat": backbone.net(images)}
+    out.update(backbone(images))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["global", "conv"])
+def test_vitdet_parity(kind):
+    """Official detectron2 ViT inside SimpleFeaturePyramid (+ LastLevelMaxPool), as
+    mask_rcnn_vitdet.py builds model.backbone, smaller: a 6x6 map, window 4 (zero-padded to 8x8),
+    decomposed rel-pos tables perturbed, a 4x4 + cls pos_embed resized to 6x6. "global": blocks
+    1 and 3 attend globally; the last map, the five pyramid levels and the gradients of a seeded
+    projection of them all, then at 40x40 (a 5x5 map: the global tables interpolated 11 -> 9
+    rows). "conv": every block windowed, residual conv blocks after 1 and 3 (the global model's
+    tensors + its own): the same outputs. The official keys are those of model.backbone (a
+    released ViTDet file holds them under backbone.*, which vitdet.load_weights strips)."""
+    import vitdet
+    fixture = load("vitdet")
+    fx = fixture[kind]
+    cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in fx["config"].items()}
+    model = vitdet.create_model("tiny", **cfg).eval()
+    state = dict(fixture["global"]["state_dict"])
+    if kind == "conv":
+        state.update(fx["own"])
+    strict_load(model.backbone, state)
+    images = fixture["global"]["images"]
+    if kind == "conv":
+        with torch.no_grad():
+            out = vitdet_outputs(model.backbone, images)
+    else:
+        x = images.clone().requires_grad_(True)
+        out = vitdet_outputs(model.backbone, x)
+    assert list(out) == list(fx["outputs"]), f"levels {list(out)} vs official {list(fx['outputs'])}"
+    for name, official in fx["outputs"].items():
+        close(out[name], official, name)
+    if kind == "global":
+        flat = torch.cat([v.flatten() for v in out.values()])  # last_feat, p1, ..., p5
+        (flat * fx["grad_weight"]).sum().div(flat.numel() ** 0.5).backward()
+        check_grads(model.backbone, {"images": x}, fx["grads"])
+        with torch.no_grad():
+            small = vitdet_outputs(model.backbone, fx["images_small"])
+        for name, official in fx["outputs_small"].items():
+            close(small[name], official, f"{name} at 40 x 40")

@@ -9,7 +9,8 @@ timm (which the official ToMe / MAE code builds on) imports torchvision at impor
 torchvision has no CPU build on some machines; `stand_in_torchvision()` registers a minimal
 stand-in module tree (only the names timm touches while importing) when the real one is absent.
 None of those names is used by the models compared here. `import_slowfast` does the same for
-SlowFast (make_revvit.py, make_mvit_video.py).
+SlowFast (make_revvit.py, make_mvit_video.py), `import_detectron2` for detectron2's ViTDet
+backbone (make_vitdet.py).
 """
 import argparse
 import enum
@@ -145,3 +146,22 @@ def import_slowfast(root, package="slowfast"):
     defaults = importlib.import_module(f"{package}.config.defaults")
     builder = importlib.import_module(f"{package}.models.video_model_builder")
     return builder, defaults.get_cfg
+
+
+def import_detectron2(root):
+    """detectron2's ViT and SimpleFeaturePyramid without building detectron2 (no compiled _C).
+    detectron2.modeling/__init__.py and detectron2/modeling/backbone/__init__.py import every
+    model and the config system (omegaconf, hydra); here they are registered as empty packages
+    pointing at the checkout, so that only the modules ViTDet's backbone needs run, unchanged:
+    modeling/backbone/{backbone,build,fpn,resnet,utils,vit}.py and detectron2.layers (whose
+    torchvision imports, nms / roi_align / deform_conv2d, meet stand_in_torchvision: none of them
+    is used by ViT or SimpleFeaturePyramid). fvcore and timm (timm.models.layers DropPath, Mlp:
+    used, the real ones) are required.
+    Returns (detectron2.modeling.backbone.vit, detectron2.modeling.backbone.fpn)."""
+    import importlib
+    stand_in_torchvision()
+    for package in ["detectron2.modeling", "detectron2.modeling.backbone"]:
+        stub(package).__path__ = [os.path.join(root, *package.split("."))]
+    vit = importlib.import_module("detectron2.modeling.backbone.vit")
+    fpn = importlib.import_module("detectron2.modeling.backbone.fpn")
+    return vit, fpn
