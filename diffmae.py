@@ -272,16 +272,20 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-def random_masking(N, L, mask_ratio, device, generator=None):
+def random_order(N, L, mask_ratio, device, generator=None):
     """MAE's per-sample shuffle: argsort of uniform noise, small = kept, len_keep = floor(L(1-r)).
-    Returns ids_shuffle (N, L) (its first len_keep entries are the visible patches) and len_keep."""
+    Returns ids_shuffle (N, L) (its first len_keep entries are the visible patches) and len_keep.
+    Not named random_masking (mae.py's masks tokens x and returns (x kept, mask, ids_restore)):
+    here a mask is a patch order drawn before there are tokens, handed to forward and to the
+    sampler like center_order's, and split_ids derives the rest from it."""
     len_keep = int(L * (1 - mask_ratio))
     noise = torch.rand(N, L, device=device, generator=generator)  # (N, L)
     return torch.argsort(noise, dim=1), len_keep
 
 
-def center_masking(N, grid, center_size, device):
-    """Hide a centred square of side round(center_size * grid) patches; the same for every image."""
+def center_order(N, grid, center_size, device):
+    """Hide a centred square of side round(center_size * grid) patches; the same for every image.
+    Returns (ids_shuffle (N, L), len_keep) as random_order does."""
     side = max(1, round(center_size * grid))
     lo = (grid - side) // 2
     hidden = torch.zeros(grid, grid, device=device)
@@ -526,7 +530,7 @@ class DiffMAE(nn.Module):
         N = imgs.shape[0]
         L = self.grid ** 2
         if ids_shuffle is None:
-            ids_shuffle, len_keep = random_masking(N, L, mask_ratio, imgs.device)
+            ids_shuffle, len_keep = random_order(N, L, mask_ratio, imgs.device)
         ids_keep, ids_masked, ids_restore, mask = split_ids(ids_shuffle, len_keep)  # step 1
         x0 = patchify(imgs, self.patch_size)  # (N, L, P)
         if t is None:
@@ -607,8 +611,8 @@ def forward_loss(target, pred, mask):
 def make_masks(kind, N, model, args, generator=None, device="cpu"):
     """(ids_shuffle (N, L), len_keep) for 'random' masks at --mask_ratio or a 'center' square."""
     if kind == "center":
-        return center_masking(N, model.grid, args.center_size, device)
-    return random_masking(N, model.grid ** 2, args.mask_ratio, device, generator)
+        return center_order(N, model.grid, args.center_size, device)
+    return random_order(N, model.grid ** 2, args.mask_ratio, device, generator)
 
 
 def pixel_mask(mask, p):
@@ -713,7 +717,7 @@ def heldout_loss(model, loader, args, run):
     total = n = 0.0
     for imgs, _ in loader:
         N, L, P = len(imgs), model.grid ** 2, model.patch_size ** 2 * 3
-        ids, keep = random_masking(N, L, args.mask_ratio, "cpu", g)
+        ids, keep = random_order(N, L, args.mask_ratio, "cpu", g)
         t = torch.randint(1, model.T + 1, (N,), generator=g)
         noise = torch.randn(N, L, P, generator=g)
         dev = lambda x: x.to(run.device)
@@ -912,7 +916,7 @@ def smoke(args, run):
     imgs = torch.stack([C.normalize(im) for im in d["images"]])
     g = torch.Generator().manual_seed(0)
     L, P = model.grid ** 2, model.patch_size ** 2 * 3
-    ids, keep = random_masking(len(imgs), L, args.mask_ratio, "cpu", g)
+    ids, keep = random_order(len(imgs), L, args.mask_ratio, "cpu", g)
     t = torch.randint(1, model.T + 1, (len(imgs),), generator=g)
     noise = torch.randn(len(imgs), L, P, generator=g)
 

@@ -96,13 +96,14 @@ Departures from the official code, and why
 
 Exercises (set one by blanking the function's body; the command grades it):
 1. Re-implement `random_masking` (Sec. 3 "Image masking", step 3 of the reading map; the official
-   `random_mask`): draw `noise = torch.rand(B, L, generator=generator)`, argsort it per sample,
-   keep the first len_keep = int(L (1 - r)) tokens (smallest noise first), and return them with
-   the mask (1 = removed) in the patch order and ids_restore.
+   `random_mask`): `random_masking(x, mask_ratio, noise=None, *, bias=None)`, x (B, L, D); use the
+   given noise (B, L) or draw `noise = torch.rand(B, L)`, add `bias` if given, argsort it per
+   sample, keep the first len_keep = int(L (1 - r)) tokens (smallest noise first), and return
+   them with the mask (1 = removed) in the patch order and ids_restore.
    Grade: `python -m pytest tests/test_flip.py -k "masking"`
 2. Re-implement `VisionTower.forward` (Sec. 3 and Fig. 2, steps 1-5): patchify, add each patch's
    sin-cos position BEFORE masking (so a kept token keeps its own), mask with `random_masking`
-   and the given generator, prepend the cls token (no position), blocks, final LayerNorm, then
+   and the given noise, prepend the cls token (no position), blocks, final LayerNorm, then
    the mean over all tokens, cls included.
    Grade: `python -m pytest tests/test_flip.py -k "vision_tower"`
 3. Re-implement `flip_loss` and `FLIP.clipped_logit_scale` (Sec. 3, the official
@@ -220,15 +221,16 @@ def get_2d_sincos_pos_embed(embed_dim, grid_size, cls_token=False):
 #      the global batch, symmetric cross entropy with the positives on the diagonal (loss section)
 
 
-def random_masking(x, mask_ratio, generator=None, bias=None):
+def random_masking(x, mask_ratio, noise=None, *, bias=None):
     """Keep a random subset of len_keep = int(L * (1 - mask_ratio)) tokens per sample (a floor,
     as the official `random_mask`). x (B, L, D) -> x_visible (B, len_keep, D), mask (B, L) with
-    1 = removed, 0 = kept, in the original token order, and ids_restore (B, L). `bias` (B, L), as
-    the official one, is added to the noise (small is keep, large is remove): the text masking
+    1 = removed, 0 = kept, in the original token order, and ids_restore (B, L). noise (B, L) is
+    uniform in [0, 1), drawn here when None (as mae.py's random_masking). `bias` (B, L), as the
+    official one, is added to the noise (small is keep, large is remove): the text masking
     ablation gives the pads +1 so that they go first."""
     B, L, D = x.shape
     len_keep = int(L * (1 - mask_ratio))
-    noise = torch.rand(B, L, device=x.device, generator=generator)  # step 3: (B, L) small = keep
+    noise = torch.rand(B, L, device=x.device) if noise is None else noise  # step 3: (B, L) small = keep
     if bias is not None:
         noise = noise + bias  # (B, L)
     ids_shuffle = noise.argsort(dim=1)  # (B, L)
@@ -259,13 +261,13 @@ class VisionTower(nn.Module):
         self.blocks = nn.ModuleList(Block(width, num_heads) for _ in range(depth))
         self.norm = nn.LayerNorm(width, eps=1e-6)  # official "encoder_norm"
 
-    def forward(self, imgs, mask_ratio=0.0, generator=None):
+    def forward(self, imgs, mask_ratio=0.0, noise=None):
         x = self.patch_embed.proj(imgs)  # step 1: (B, D, h, w)
         x = x.flatten(2).transpose(1, 2)  # (B, L, D), patch j = row j // w, column j % w
         x = x + self.pos_embed[:, 1:]  # step 2: positions first, so a kept patch knows where it was
         mask = None
         if mask_ratio > 0:
-            x, mask, _ = random_masking(x, mask_ratio, generator)  # step 3: (B, L_keep, D)
+            x, mask, _ = random_masking(x, mask_ratio, noise)  # step 3: (B, L_keep, D)
         cls = self.cls_token.expand(x.shape[0], -1, -1)  # (B, 1, D), no position (zero)
         x = torch.cat([cls, x], dim=1)  # step 4: (B, 1+L_keep, D)
         for blk in self.blocks:  # step 5
@@ -293,10 +295,10 @@ class TextTower(nn.Module):
         self.blocks = nn.ModuleList(Block(width, num_heads) for _ in range(depth))
         self.norm = nn.LayerNorm(width, eps=1e-6)
 
-    def forward(self, tokens, mask_ratio=0.0, generator=None):
+    def forward(self, tokens, mask_ratio=0.0, noise=None):
         x = self.token_embed(tokens) + self.pos_embed[:, : tokens.shape[1]]  # step 6: (B, T, W)
         if mask_ratio > 0:  # training only: pads first (bias 1 > any noise), then random words
-            _, mask, _ = random_masking(x, mask_ratio, generator, bias=(tokens == 0).float())  # (B, T)
+            _, mask, _ = random_masking(x, mask_ratio, noise, bias=(tokens == 0).float())  # (B, T)
             x = x[mask == 0].reshape(len(x), -1, x.shape[-1])  # (B, T_keep, W), in caption order
         for blk in self.blocks:  # no attention mask: every token sees every token, pads included
             x = blk(x)
@@ -334,25 +336,26 @@ class FLIP(nn.Module):
         for p in (self.visual.cls_token, self.text.token_embed.weight, self.text.pos_embed):
             nn.init.normal_(p, std=0.02)
 
-    def encode_image(self, imgs, mask_ratio=0.0, generator=None):
-        h, mask = self.visual(imgs, mask_ratio, generator)
+    def encode_image(self, imgs, mask_ratio=0.0, noise=None):
+        h, mask = self.visual(imgs, mask_ratio, noise)
         return l2_normalize(self.img_proj(h)), mask  # step 7: (B, E), (B, L) or None
 
-    def encode_text(self, tokens, mask_ratio=0.0, generator=None):
-        return l2_normalize(self.txt_proj(self.text(tokens, mask_ratio, generator)))  # step 7: (B, E)
+    def encode_text(self, tokens, mask_ratio=0.0, noise=None):
+        return l2_normalize(self.txt_proj(self.text(tokens, mask_ratio, noise)))  # step 7: (B, E)
 
     def clipped_logit_scale(self):
         # step 8: clipped in the forward pass only (the parameter itself is free): the gradient
         # is zero outside [0, ln 100], so the temperature 1/exp(s) never falls below 0.01
         return self.logit_scale.clamp(0, math.log(100))
 
-    def forward(self, imgs, tokens, mask_ratio=None, txt_mask_ratio=None):
-        """-> z_img (B, E), z_txt (B, E) unit vectors and the clipped logit scale s (1,)."""
+    def forward(self, imgs, tokens, mask_ratio=None, txt_mask_ratio=None, noise=None):
+        """-> z_img (B, E), z_txt (B, E) unit vectors and the clipped logit scale s (1,). noise
+        (B, L), uniform: the image masking noise (drawn by random_masking when None)."""
         if mask_ratio is None:
             mask_ratio = self.mask_ratio if self.training else 0.0  # no masking at evaluation
         if txt_mask_ratio is None:
             txt_mask_ratio = self.txt_mask_ratio if self.training else 0.0
-        z_img, _ = self.encode_image(imgs, mask_ratio)
+        z_img, _ = self.encode_image(imgs, mask_ratio, noise)
         return z_img, self.encode_text(tokens, txt_mask_ratio), self.clipped_logit_scale()
 
 

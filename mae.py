@@ -57,9 +57,10 @@ Departures from the official code, and why:
 - Attention runs through F.scaled_dot_product_attention (same maths as timm's explicit softmax).
 
 Exercises (set one by blanking the function's body; the command grades it):
-1. Re-implement `random_masking` (Sec. 3 "Masking", reading map step 2: per-sample shuffle by
-   uniform noise, keep the first floor(L (1 - r)) in ascending-noise order, mask 1 = removed in
-   the original order, ids_restore = the inverse permutation).
+1. Re-implement `random_masking(x, mask_ratio, noise=None)` (Sec. 3 "Masking", reading map step 2:
+   per-sample shuffle by the given uniform noise (N, L), or torch.rand(N, L) when None, keep the
+   first floor(L (1 - r)) in ascending-noise order, mask 1 = removed in the original order,
+   ids_restore = the inverse permutation; return (x kept, mask, ids_restore)).
    Grade: `python -m pytest tests/test_mae.py -k "masking"`
 2. Re-implement `MaskedAutoencoderViT.forward_decoder` (Sec. 3 "MAE decoder", steps 4-5: append
    the mask tokens after the visible tokens, un-shuffle with ids_restore, cls back in front, add
@@ -224,7 +225,8 @@ def unpatchify(x, p, c=3):
 def random_masking(x, mask_ratio, noise=None):
     """Per-sample random masking by sorting noise: small noise = keep.
 
-    Keeps len_keep = floor(L (1 - mask_ratio)) tokens of each sample. Returns the kept tokens
+    x (N, L, D); noise (N, L) uniform in [0, 1), drawn here when None (pass it to reproduce a
+    mask). Keeps len_keep = floor(L (1 - mask_ratio)) tokens of each sample. Returns the kept tokens
     (N, len_keep, D), the binary mask (N, L) in the ORIGINAL order with 1 = removed, 0 = kept, and
     ids_restore (N, L), the permutation that undoes the shuffle.
     """

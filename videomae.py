@@ -101,10 +101,12 @@ Exercises (set one by blanking the function's body; the command grades it):
    reading map steps 1 and 6): one token per 2 x p x p cube, numbered time-major t*H'W' + i*W' + j,
    and the loss target of token i made of the same cube's pixels (frames t*u .. t*u+u-1), values
    in (u, p, q, c) order. Grade: `python -m pytest tests/test_videomae.py -k "tokens"`
-2. Re-implement `random_masking` (Sec. 3 "Masking", Table 2a; step 2): noise = torch.rand(N, L),
-   keep the floor(L (1 - r)) tokens with the smallest noise (156 of 1568 at r = 0.9), mask 1 =
-   removed in token order; for `tube`, one noise per spatial position (torch.rand(N, 1, S)) shared
-   by the T' slices and T' * floor(S (1 - r)) kept.
+2. Re-implement `random_masking` (Sec. 3 "Masking", Table 2a; step 2), mae.py's signature plus
+   keyword options: `random_masking(x, mask_ratio, noise=None, *, mask_type="random", t_size=1)`.
+   Use the given noise or draw noise = torch.rand(N, L), keep the floor(L (1 - r)) tokens with
+   the smallest noise (156 of 1568 at r = 0.9), mask 1 = removed in token order; for `tube`, one
+   noise per spatial position (N, S) (torch.rand(N, S) when not given) shared by the T' slices
+   and T' * floor(S (1 - r)) kept. Return x kept, mask, ids_restore and ids_keep.
    Grade: `python -m pytest tests/test_videomae.py -k "masking"`
 3. Re-implement `separable_pos_embed` (Sec. 4, learned separable positions; step 3):
    pos[t*S + s] = spatial[s] + temporal[t], then read how `forward_encoder` adds it after masking,
@@ -241,25 +243,30 @@ class Block(nn.Module):
 #   7. loss = per-token mean squared error, averaged over the REMOVED tokens only (forward_loss)
 
 
-def random_masking(x, mask_ratio, mask_type="random", t_size=1):
-    """Keep a random subset of the L = T'*H'W' tokens of each sample.
+def random_masking(x, mask_ratio, noise=None, *, mask_type="random", t_size=1):
+    """Keep a random subset of the L = T'*H'W' tokens of each sample (mae.py's random_masking,
+    with the masking type and the number of time slices T' = t_size as keyword options).
 
     random (MAE-ST, "spacetime-agnostic"): every token is dropped independently of where it sits
         in space or time; len_keep = floor(L * (1 - mask_ratio)), e.g. 156 of 1568 at 0.9.
+        noise: (N, L), one per token.
     tube (space-only, MCG-NJU VideoMAE's choice; paper Table 2a): one spatial mask shared by every
-        time slice; len_keep = T' * floor(H'W' * (1 - mask_ratio)).
-    x: (N, L, D) in time-major order. Returns x_masked (N, len_keep, D), mask (N, L) with
-    1 = removed and 0 = kept, ids_restore (N, L) and ids_keep (N, len_keep).
+        time slice; len_keep = T' * floor(H'W' * (1 - mask_ratio)). noise: (N, S), S = H'W' =
+        L / t_size, one per spatial position, repeated over the T' slices.
+    x: (N, L, D) in time-major order; noise uniform in [0, 1), drawn here when None. Returns
+    x_masked (N, len_keep, D), mask (N, L) with 1 = removed and 0 = kept, ids_restore (N, L), and,
+    as the official mae_st's random_masking, ids_keep (N, len_keep): forward_encoder gathers the
+    kept tokens' positions with it.
     """
     N, L, D = x.shape
     if mask_type == "random":
         len_keep = int(L * (1 - mask_ratio))
-        noise = torch.rand(N, L, device=x.device)                    # step 2: (N, L), small = keep
+        noise = torch.rand(N, L, device=x.device) if noise is None else noise   # step 2: (N, L), small = keep
     elif mask_type == "tube":
         S = L // t_size
         len_keep = t_size * int(S * (1 - mask_ratio))
-        noise = torch.rand(N, 1, S, device=x.device).expand(N, t_size, S)   # (N, T', S): same in every t
-        noise = noise.reshape(N, L)                                          # (N, L)
+        noise = torch.rand(N, S, device=x.device) if noise is None else noise   # (N, S): one per position
+        noise = noise[:, None, :].expand(N, t_size, S).reshape(N, L)            # (N, T', S) -> (N, L): same in every t
     else:
         raise ValueError(f"unknown mask_type {mask_type!r}")
     # a stable sort keeps the T' copies of a spatial position together, so the first len_keep
@@ -373,7 +380,7 @@ class MaskedAutoencoderViT(nn.Module):
         x = self.patch_embed(videos)                                # (N, T', S, D)
         N, T, S, D = x.shape
         x = x.reshape(N, T * S, D)                                  # (N, L, D), token index t*S + s
-        x, mask, ids_restore, ids_keep = random_masking(x, mask_ratio, mask_type or self.mask_type, T)
+        x, mask, ids_restore, ids_keep = random_masking(x, mask_ratio, mask_type=mask_type or self.mask_type, t_size=T)
         # positions added after masking: gather the table at the kept indices (= adding it before)
         pos = separable_pos_embed(self.pos_embed_spatial, self.pos_embed_temporal)    # step 3: (1, L, D)
         pos = torch.gather(pos.expand(N, -1, -1), 1, ids_keep.unsqueeze(-1).expand(-1, -1, D))  # (N, len_keep, D)
@@ -550,7 +557,7 @@ def forward_with_mask_tokens(model, videos, mask_ratio):
     x = model.patch_embed(videos)                                   # (N, T', S, D)
     N, T, S, D = x.shape
     x = x.reshape(N, T * S, D)                                      # (N, L, D)
-    _, mask, _, _ = random_masking(x, mask_ratio, model.mask_type, T)
+    _, mask, _, _ = random_masking(x, mask_ratio, mask_type=model.mask_type, t_size=T)
     x = x * (1 - mask.unsqueeze(-1))                                # removed tokens -> [M] = 0
     x = x + separable_pos_embed(model.pos_embed_spatial, model.pos_embed_temporal)
     x = torch.cat([(model.cls_token + model.pos_embed_class).expand(N, -1, -1), x], dim=1)   # (N, 1 + L, D)

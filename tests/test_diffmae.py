@@ -229,7 +229,7 @@ def test_posterior_figures_known_values():
 def test_forward_process_visible_patches_never_noised_and_encoder_blind_to_t_and_noise(monkeypatch):
     m = micro(own_schedule=True)
     imgs = torch.randn(3, 3, 16, 16)
-    ids, keep = M.random_masking(3, 16, 0.75, "cpu", torch.Generator().manual_seed(0))
+    ids, keep = M.random_order(3, 16, 0.75, "cpu", torch.Generator().manual_seed(0))
     ids_keep, ids_masked, _, mask = M.split_ids(ids, keep)
     x0 = M.patchify(imgs, 4)
     t, noise = torch.tensor([100, 50, 1]), torch.randn_like(x0)
@@ -371,7 +371,7 @@ def test_sampler_whole_loop_against_a_slow_reference(monkeypatch, pred):
     dec = fake_decoder(m)
     monkeypatch.setattr(m, "forward_decoder", dec)
     imgs = torch.randn(2, 3, 16, 16)
-    ids, keep = M.random_masking(2, 16, 0.75, "cpu", torch.Generator().manual_seed(5))
+    ids, keep = M.random_order(2, 16, 0.75, "cpu", torch.Generator().manual_seed(5))
     _, ids_masked, ids_restore, _ = M.split_ids(ids, keep)
     lo = torch.tensor([(0 - C.MEAN[j % 3].item()) / C.STD[j % 3].item() for j in range(48)])
     hi = torch.tensor([(1 - C.MEAN[j % 3].item()) / C.STD[j % 3].item() for j in range(48)])
@@ -408,7 +408,7 @@ def test_sampler_call_pattern(monkeypatch):
     monkeypatch.setattr(m, "forward_decoder", fake_decoder(m, calls))
     m.patch_embed.register_forward_hook(lambda *a: enc.append(1))
     imgs = torch.randn(2, 3, 16, 16)
-    ids, keep = M.random_masking(2, 16, 0.75, "cpu")
+    ids, keep = M.random_order(2, 16, 0.75, "cpu")
     out, preds, ts = m.sample(imgs, ids, keep, steps=7)
     assert len(enc) == 1 and len(calls) == 7 and len(preds) == 7  # the encoder runs once
     assert [c[1].tolist() for c in calls] == [[t, t] for t in ts]
@@ -457,7 +457,7 @@ def test_loss_in_the_model_targets_x0_or_eps_on_masked_patches(monkeypatch, pred
     monkeypatch.setattr(m, "q_sample_masked", lambda x0, t, noise, mask: ref_q_sample_masked(m.abar, x0, t, noise, mask))
     monkeypatch.setattr(m, "forward_decoder", fake_decoder(m))
     imgs = torch.randn(3, 3, 16, 16)
-    ids, keep = M.random_masking(3, 16, 0.75, "cpu", torch.Generator().manual_seed(8))
+    ids, keep = M.random_order(3, 16, 0.75, "cpu", torch.Generator().manual_seed(8))
     _, ids_masked, _, mask = M.split_ids(ids, keep)
     t, noise = torch.tensor([7, 55, 100]), torch.randn(3, 16, 48)
     loss, out, got_mask = m(imgs, ids_shuffle=ids, len_keep=keep, t=t, noise=noise)
@@ -479,7 +479,7 @@ def test_conditioning_decoder_against_a_token_by_token_reference():
         for t_embed in ("add", "none"):
             m = perturb(micro(decoder=decoder, t_embed=t_embed), seed=1)
             imgs = torch.randn(2, 3, 16, 16)
-            ids, keep = M.random_masking(2, 16, 0.75, "cpu", torch.Generator().manual_seed(3))
+            ids, keep = M.random_order(2, 16, 0.75, "cpu", torch.Generator().manual_seed(3))
             ids_keep, ids_masked, ids_restore, _ = M.split_ids(ids, keep)
             with torch.no_grad():
                 latent, feats = m.forward_encoder(imgs, ids_keep)
@@ -493,7 +493,7 @@ def test_conditioning_decoder_against_a_token_by_token_reference():
 def test_conditioning_each_noisy_token_at_its_own_position_and_t_matters():
     m = perturb(micro(decoder="cross_self"), seed=2)
     imgs = torch.randn(2, 3, 16, 16)
-    ids, keep = M.random_masking(2, 16, 0.75, "cpu", torch.Generator().manual_seed(4))
+    ids, keep = M.random_order(2, 16, 0.75, "cpu", torch.Generator().manual_seed(4))
     ids_keep, ids_masked, ids_restore, _ = M.split_ids(ids, keep)
     with torch.no_grad():
         latent, feats = m.forward_encoder(imgs, ids_keep)
@@ -515,7 +515,7 @@ def test_conditioning_cross_decoder_tokens_never_attend_to_each_other():
     for decoder, isolated in (("cross", True), ("cross_self", False), ("joint", False)):
         m = micro(decoder=decoder)
         imgs = torch.randn(2, 3, 16, 16)
-        ids, keep = M.random_masking(2, 16, 0.75, "cpu", torch.Generator().manual_seed(3))
+        ids, keep = M.random_order(2, 16, 0.75, "cpu", torch.Generator().manual_seed(3))
         _, ids_masked, ids_restore, _ = M.split_ids(ids, keep)
         latent, feats = m.forward_encoder(imgs, ids[:, :keep])
         t = torch.tensor([10, 90])

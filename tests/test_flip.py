@@ -47,17 +47,22 @@ def gen(seed=5):
     return torch.Generator().manual_seed(seed)
 
 
+def uniform(B, L, seed):
+    """The masking noise a test hands to random_masking (noise=): (B, L) uniform in [0, 1)."""
+    return torch.rand(B, L, generator=gen(seed))
+
+
 # ------------------------------------------------------------------ slow obvious references
 # (the tests of one exercise monkeypatch the OTHER exercises' functions with these, so that a
 # blanked function fails only its own exercise's tests)
 
 
-def ref_random_masking(x, mask_ratio, generator=None, bias=None):
+def ref_random_masking(x, mask_ratio, noise=None, *, bias=None):
     """One sample at a time: the same uniform noise (plus the bias), sorted by Python; the first
     int(L(1-r)) patches in order of increasing noise are kept."""
     B, L, D = x.shape
     keep = int(L * (1 - mask_ratio))
-    noise = torch.rand(B, L, generator=generator)
+    noise = torch.rand(B, L) if noise is None else noise
     if bias is not None:
         noise = noise + bias
     visible, mask, restore = [], torch.ones(B, L), torch.zeros(B, L, dtype=torch.long)
@@ -86,23 +91,23 @@ def ref_patch_tokens(tower, imgs):
     return torch.stack(out)
 
 
-def ref_vision_forward(tower, imgs, mask_ratio=0.0, generator=None):
+def ref_vision_forward(tower, imgs, mask_ratio=0.0, noise=None):
     """VisionTower.forward written out; it masks with flip.random_masking (whatever that is)."""
     x, mask = ref_patch_tokens(tower, imgs), None
     if mask_ratio > 0:
-        x, mask, _ = flip.random_masking(x, mask_ratio, generator)
+        x, mask, _ = flip.random_masking(x, mask_ratio, noise)
     x = torch.cat([tower.cls_token.expand(len(x), 1, -1), x], dim=1)
     for blk in tower.blocks:
         x = blk(x)
     return tower.norm(x).mean(dim=1), mask
 
 
-def ref_text_forward(tower, tokens, mask_ratio=0.0, generator=None):
+def ref_text_forward(tower, tokens, mask_ratio=0.0, noise=None):
     """TextTower.forward written out: table look-up plus positions 0..T-1, blocks, LN, token 0;
     with text masking, the tokens flip.random_masking keeps (pads biased to go first), in order."""
     x = tower.token_embed.weight[tokens] + tower.pos_embed[0, : tokens.shape[1]]  # (B, T, W)
     if mask_ratio > 0:
-        _, mask, _ = flip.random_masking(x, mask_ratio, generator, bias=(tokens == 0).float())
+        _, mask, _ = flip.random_masking(x, mask_ratio, noise, bias=(tokens == 0).float())
         x = torch.stack([torch.stack([x[b, j] for j in range(x.shape[1]) if mask[b, j] == 0]) for b in range(len(x))])
     for blk in tower.blocks:
         x = blk(x)
@@ -140,10 +145,10 @@ def test_masking_keeps_int_L_times_1_minus_r(ratio, keep):
 @pytest.mark.parametrize("ratio,L", [(0.5, 16), (0.75, 16), (0.75, 10), (0.3, 7)])
 def test_masking_equals_slow_reference_with_the_same_noise(ratio, L):
     """Every kept token in its slot (increasing noise), the mask in the patch order, ids_restore,
-    all from torch.rand(B, L, generator=generator): a new mask for every sample."""
+    all from the given noise (B, L): a new mask for every sample."""
     x = torch.randn(3, L, 5, generator=gen(0))
-    vis, mask, ids_restore = flip.random_masking(x, ratio, gen(11))
-    ref_vis, ref_mask, ref_restore = ref_random_masking(x, ratio, gen(11))
+    vis, mask, ids_restore = flip.random_masking(x, ratio, uniform(3, L, 11))
+    ref_vis, ref_mask, ref_restore = ref_random_masking(x, ratio, uniform(3, L, 11))
     assert vis.shape == ref_vis.shape == (3, int(L * (1 - ratio)), 5)
     assert torch.equal(vis, ref_vis)
     assert torch.equal(mask.float(), ref_mask)  # 1 = removed, 0 = kept, patch order
@@ -156,6 +161,18 @@ def test_masking_equals_slow_reference_with_the_same_noise(ratio, L):
                       x[mask == 0])
 
 
+def test_masking_draws_its_own_uniform_noise_when_none_is_given():
+    """noise=None: random_masking draws torch.rand(B, L) itself (the draw the training step
+    uses), one row per sample, so every image loses its own patches."""
+    x = torch.randn(8, 16, 5, generator=gen(0))
+    torch.manual_seed(4)
+    vis, mask, ids_restore = flip.random_masking(x, 0.5)
+    torch.manual_seed(4)
+    ref_vis, ref_mask, ref_restore = ref_random_masking(x, 0.5, torch.rand(8, 16))
+    assert torch.equal(vis, ref_vis) and torch.equal(mask, ref_mask) and torch.equal(ids_restore, ref_restore)
+    assert len({tuple(m.tolist()) for m in mask}) == 8  # 8 different masks
+
+
 def test_masking_where_the_image_tower_uses_it(monkeypatch):
     """In the model's image tower (written out in the test): the tokens that reach the blocks are
     the cls token and exactly the patches the returned mask keeps, each with its own position."""
@@ -166,8 +183,8 @@ def test_masking_where_the_image_tower_uses_it(monkeypatch):
     m.blocks[0].register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach()))
     for ratio in (0.5, 0.75):
         seen.clear()
-        pooled, mask = m(imgs, ratio, gen(3))
-        _, ref_mask, _ = ref_random_masking(torch.zeros(4, 16, 1), ratio, gen(3))
+        pooled, mask = m(imgs, ratio, uniform(4, 16, 3))
+        _, ref_mask, _ = ref_random_masking(torch.zeros(4, 16, 1), ratio, uniform(4, 16, 3))
         assert torch.equal(mask.float(), ref_mask)
         tokens = ref_patch_tokens(m, imgs)  # (B, L, D), positions included
         keep = int(16 * (1 - ratio))
@@ -191,12 +208,12 @@ def test_masking_where_the_image_tower_uses_it(monkeypatch):
 def test_vision_tower_equals_slow_reference(ratio, ref_masking):
     model = perturbed_model()
     m, imgs = model.visual, batch()[0]
-    pooled, mask = m(imgs, ratio, gen(4))
-    ref_pooled, ref_mask = ref_vision_forward(m, imgs, ratio, gen(4))
+    pooled, mask = m(imgs, ratio, uniform(4, 16, 4))
+    ref_pooled, ref_mask = ref_vision_forward(m, imgs, ratio, uniform(4, 16, 4))
     assert torch.allclose(pooled, ref_pooled, atol=1e-5)
     if ratio == 0:
         assert mask is None
-    else:  # the tower hands its generator to random_masking and returns the mask it drew
+    else:  # the tower hands its noise to random_masking and returns the mask it made
         assert torch.equal(mask, ref_mask)
 
 
@@ -208,10 +225,10 @@ def test_vision_tower_sends_every_kept_token_in_its_slot(ratio, ref_masking):
     m, imgs = model.visual, batch()[0]
     seen = []
     m.blocks[0].register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach()))
-    m(imgs, ratio, gen(6))
+    m(imgs, ratio, uniform(4, 16, 6))
     tokens = ref_patch_tokens(m, imgs)  # (B, L, D)
     if ratio > 0:
-        tokens = ref_random_masking(tokens, ratio, gen(6))[0]  # (B, L_keep, D)
+        tokens = ref_random_masking(tokens, ratio, uniform(4, 16, 6))[0]  # (B, L_keep, D)
     want = torch.cat([m.cls_token.expand(4, 1, -1), tokens], dim=1)
     assert seen[0].shape == want.shape == (4, 1 + int(16 * (1 - ratio)), 32)
     assert torch.allclose(seen[0], want, atol=1e-5)
@@ -220,7 +237,7 @@ def test_vision_tower_sends_every_kept_token_in_its_slot(ratio, ref_masking):
 def test_vision_tower_pools_mean_of_cls_and_visible_tokens(ref_masking):
     model = perturbed_model()
     m, imgs = model.visual, batch()[0]
-    pooled, mask = m(imgs, 0.5, gen(5))
+    pooled, mask = m(imgs, 0.5, uniform(4, 16, 5))
     # redo the tower by hand on the patches the mask kept, one image at a time
     x = ref_patch_tokens(m, imgs)
     for b in range(len(imgs)):
@@ -427,15 +444,15 @@ def test_text_tower_txt_mask_ratio_removes_pads_first_and_keeps_caption_order(re
     tokens[1, 6:] = 0  # 6 words + 2 pads: keep 4 of the 6 words, no pad
     seen = []
     model.text.blocks[0].register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach()))
-    out = model.text(tokens, 0.5, gen(2))
+    out = model.text(tokens, 0.5, uniform(4, 8, 2))
     emb = model.text.token_embed.weight[tokens] + model.text.pos_embed[0, :8]  # (4, 8, 32)
-    _, mask, _ = ref_random_masking(emb, 0.5, gen(2), bias=(tokens == 0).float())
+    _, mask, _ = ref_random_masking(emb, 0.5, uniform(4, 8, 2), bias=(tokens == 0).float())
     assert seen[0].shape == (4, 4, 32)
     assert (mask[0, :3] == 0).all() and mask[0, 3:].sum() == 4  # every word kept, pads removed first
     assert (mask[1, 6:] == 1).all() and mask[1, :6].sum() == 2
     for b in range(4):
         assert torch.allclose(seen[0][b], emb[b][mask[b] == 0], atol=1e-6)  # in caption order
-    assert torch.allclose(out, ref_text_forward(model.text, tokens, 0.5, gen(2)), atol=1e-5)
+    assert torch.allclose(out, ref_text_forward(model.text, tokens, 0.5, uniform(4, 8, 2)), atol=1e-5)
     monkeypatch.setattr(flip.VisionTower, "forward", ref_vision_forward)  # the other exercises' parts
     monkeypatch.setattr(flip.FLIP, "clipped_logit_scale", lambda self: self.logit_scale)
     imgs = batch()[0]

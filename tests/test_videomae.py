@@ -47,19 +47,19 @@ def ref_patchify(self, videos):
     return torch.stack(rows, 1)                                        # (N, L, u p p c)
 
 
-def ref_random_masking(x, mask_ratio, mask_type="random", t_size=1):
-    """The same draw as mae_st (noise = torch.rand(N, L), or (N, 1, S) for tubes), then by hand:
-    sort the tokens by their noise (ties by index), keep the first len_keep."""
+def ref_random_masking(x, mask_ratio, noise=None, *, mask_type="random", t_size=1):
+    """The given noise or the same draw as mae_st (noise = torch.rand(N, L), or (N, S) for tubes),
+    then by hand: sort the tokens by their noise (ties by index), keep the first len_keep."""
     N, L, D = x.shape
     if mask_type == "random":
-        noise = torch.rand(N, L)
+        noise = torch.rand(N, L) if noise is None else noise
         len_keep = int(L * (1 - mask_ratio))
         order = [sorted(range(L), key=lambda l: (noise[n, l].item(), l)) for n in range(N)]
     else:
         S = L // t_size
-        noise = torch.rand(N, 1, S)
+        noise = torch.rand(N, S) if noise is None else noise
         len_keep = t_size * int(S * (1 - mask_ratio))
-        order = [[t * S + s for s in sorted(range(S), key=lambda s: (noise[n, 0, s].item(), s))
+        order = [[t * S + s for s in sorted(range(S), key=lambda s: (noise[n, s].item(), s))
                   for t in range(t_size)] for n in range(N)]
     ids_shuffle = torch.tensor(order)                                  # (N, L)
     ids_keep = ids_shuffle[:, :len_keep]
@@ -214,7 +214,7 @@ def test_masking_tube_is_the_same_in_every_time_slice():
     torch.manual_seed(0)
     T, S = 8, 196
     x = torch.randn(4, T * S, 2)
-    kept, mask, ids_restore, ids_keep = V.random_masking(x, 0.9, "tube", T)
+    kept, mask, ids_restore, ids_keep = V.random_masking(x, 0.9, mask_type="tube", t_size=T)
     m = mask.reshape(4, T, S)                                   # (N, T', S)
     assert torch.equal(m, m[:, :1].expand(-1, T, -1))           # one spatial mask, repeated over time
     assert kept.shape[1] == T * int(S * 0.1) == 152
@@ -223,7 +223,7 @@ def test_masking_tube_is_the_same_in_every_time_slice():
     assert torch.equal(kept, torch.gather(x, 1, ids_keep[..., None].expand(-1, -1, 2)))
     assert not torch.equal(m[0], m[1])                          # a different tube set per sample
     # while random masking is not a tube
-    _, mask_r, _, _ = V.random_masking(x, 0.9, "random", T)
+    _, mask_r, _, _ = V.random_masking(x, 0.9, mask_type="random", t_size=T)
     mr = mask_r.reshape(4, T, S)
     assert not torch.equal(mr, mr[:, :1].expand(-1, T, -1))
 
@@ -231,13 +231,29 @@ def test_masking_tube_is_the_same_in_every_time_slice():
 @pytest.mark.parametrize("mask_type, L, T, ratio", [("random", 1568, 8, 0.9), ("random", 64, 4, 0.75),
                                                     ("tube", 64, 4, 0.75), ("tube", 1568, 8, 0.9)])
 def test_masking_matches_the_reference_draw(mask_type, L, T, ratio):
-    """The official draw: noise = torch.rand(N, L) (tube: torch.rand(N, 1, S)), the tokens with the
+    """The official draw: noise = torch.rand(N, L) (tube: torch.rand(N, S)), the tokens with the
     SMALLEST noise kept, in increasing noise order; every output equal to the loop reference."""
     x = torch.randn(3, L, 5)
     torch.manual_seed(11)
-    got = V.random_masking(x, ratio, mask_type, T)
+    got = V.random_masking(x, ratio, mask_type=mask_type, t_size=T)
     torch.manual_seed(11)
-    ref = ref_random_masking(x, ratio, mask_type, T)
+    ref = ref_random_masking(x, ratio, mask_type=mask_type, t_size=T)
+    for name, a, b in zip(["x_masked", "mask", "ids_restore", "ids_keep"], got, ref):
+        assert a.shape == b.shape and torch.equal(a.to(b.dtype), b), name
+
+
+@pytest.mark.parametrize("mask_type, L, T, ratio", [("random", 64, 4, 0.75), ("tube", 64, 4, 0.75),
+                                                    ("tube", 1568, 8, 0.9)])
+def test_masking_uses_the_given_noise(mask_type, L, T, ratio):
+    """noise= (as mae.py's): (N, L) for random, (N, S) one per spatial position for tube; the
+    result is the loop reference's on that noise, whatever the global generator holds."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, L, 5, generator=g)
+    noise = torch.rand(3, L if mask_type == "random" else L // T, generator=g)
+    torch.manual_seed(0)
+    got = V.random_masking(x, ratio, noise.clone(), mask_type=mask_type, t_size=T)
+    torch.manual_seed(1)
+    ref = ref_random_masking(x, ratio, noise, mask_type=mask_type, t_size=T)
     for name, a, b in zip(["x_masked", "mask", "ids_restore", "ids_keep"], got, ref):
         assert a.shape == b.shape and torch.equal(a.to(b.dtype), b), name
 
@@ -254,8 +270,8 @@ def test_masking_tube_leaves_nothing_to_copy_from_other_frames():
     torch.manual_seed(0)
     T, S = 8, 196
     x = torch.zeros(16, T * S, 1)
-    _, mask_r, _, _ = V.random_masking(x, 0.9, "random", T)
-    _, mask_t, _, _ = V.random_masking(x, 0.9, "tube", T)
+    _, mask_r, _, _ = V.random_masking(x, 0.9, mask_type="random", t_size=T)
+    _, mask_t, _, _ = V.random_masking(x, 0.9, mask_type="tube", t_size=T)
     assert abs(copyable(mask_r, T, S) - (1 - 0.9 ** (T - 1))) < 0.03
     assert copyable(mask_t, T, S) == 0.0
 
@@ -279,7 +295,7 @@ def test_masking_where_the_encoder_uses_it(monkeypatch):
             order = ids_restore[n, kept].argsort()                 # their order in the shuffled sequence
             assert torch.allclose(seen["x"][n, 1:], tokens[n, kept[order]], atol=1e-5)
         torch.manual_seed(6)
-        _, ref_mask, ref_restore, _ = ref_random_masking(tokens, 0.75, mask_type, 4)
+        _, ref_mask, ref_restore, _ = ref_random_masking(tokens, 0.75, mask_type=mask_type, t_size=4)
         assert torch.equal(mask, ref_mask) and torch.equal(ids_restore, ref_restore)
         if mask_type == "tube":
             assert torch.equal(mask.reshape(3, 4, 16), mask.reshape(3, 4, 16)[:, :1].expand(-1, 4, -1))

@@ -141,7 +141,7 @@ EXERCISES += [
     ("mae", ["drop_path"], _D),
 ]
 
-# ============================================================ videomae.py: 17 wrong answers, 4 exercises
+# ============================================================ videomae.py: 18 wrong answers, 4 exercises
 T = 'python -m pytest tests/test_videomae.py -k "tokens"'
 M = 'python -m pytest tests/test_videomae.py -k "masking"'
 P = 'python -m pytest tests/test_videomae.py -k "pos_embed"'
@@ -176,17 +176,21 @@ WRONG += [
      "        len_keep = L - int(L * mask_ratio)\n",
      "len_keep = L - floor(L r): 157 of 1568 kept at 90% instead of floor(L (1 - r)) = 156"),
     ("videomae", M,
-     "        noise = torch.rand(N, L, device=x.device)                    # step 2:",
-     "        noise = torch.rand(1, L, device=x.device).expand(N, L)       # step 2:",
+     "        noise = torch.rand(N, L, device=x.device) if noise is None else noise   # step 2:",
+     "        noise = torch.rand(1, L, device=x.device).expand(N, L) if noise is None else noise   # step 2:",
      "one noise draw shared by the whole batch: every clip gets the same mask"),
     ("videomae", M,
-     "        noise = torch.rand(N, 1, S, device=x.device).expand(N, t_size, S)",
-     "        noise = torch.rand(N, S, 1, device=x.device).expand(N, S, t_size)",
+     "        noise = noise[:, None, :].expand(N, t_size, S).reshape(N, L)",
+     "        noise = noise[:, :, None].expand(N, S, t_size).reshape(N, L)",
      "tube noise laid out (S, T') before flattening: runs of T' consecutive tokens share a noise, not a tube"),
     ("videomae", M,
      "    mask = torch.gather(mask, 1, ids_restore)                       # (N, L) in token order",
      "    mask = torch.gather(mask, 1, ids_shuffle)                       # (N, L) in token order",
      "the mask put back in token order with ids_shuffle instead of its inverse ids_restore"),
+    ("videomae", M,
+     "        noise = torch.rand(N, S, device=x.device) if noise is None else noise",
+     "        noise = torch.rand(N, S, device=x.device)",
+     "tube masking ignores the noise it is given"),
     # --- exercise 3: separable positions
     ("videomae", P,
      "    return spatial.repeat(1, T, 1) + torch.repeat_interleave(temporal, S, dim=1)",
@@ -798,7 +802,7 @@ EXERCISES += [
     ("revvit", ["RevBackProp.forward", "RevBackProp.backward"], FUN),
 ]
 
-# ============================================================ flip.py: 17 wrong answers, 4 exercises
+# ============================================================ flip.py: 19 wrong answers, 4 exercises
 WRONG += [
     # (script, grading command, old snippet, new snippet, what the mistake is)
     # ---- exercise 1: random_masking
@@ -815,18 +819,22 @@ WRONG += [
      "mask = mask.gather(1, ids_shuffle)  # (B, L) back in the patch order",
      "un-shuffles the mask with the shuffle itself instead of its inverse"),
     ("flip", 'python -m pytest tests/test_flip.py -k "masking"',
-     "noise = torch.rand(B, L, device=x.device, generator=generator)",
-     "noise = torch.rand(1, L, device=x.device, generator=generator).expand(B, L)",
+     "noise = torch.rand(B, L, device=x.device) if noise is None else noise",
+     "noise = torch.rand(1, L, device=x.device).expand(B, L) if noise is None else noise",
      "one noise row for the whole batch: every image loses the same patches"),
+    ("flip", 'python -m pytest tests/test_flip.py -k "masking"',
+     "noise = torch.rand(B, L, device=x.device) if noise is None else noise",
+     "noise = torch.rand(B, L, device=x.device)",
+     "ignores the noise it is given: a mask cannot be reproduced from the official noise"),
     # ---- exercise 2: VisionTower.forward
     ("flip", 'python -m pytest tests/test_flip.py -k "vision_tower"',
      "        x = x + self.pos_embed[:, 1:]  # step 2: positions first, so a kept patch knows where it was\n"
      "        mask = None\n"
      "        if mask_ratio > 0:\n"
-     "            x, mask, _ = random_masking(x, mask_ratio, generator)",
+     "            x, mask, _ = random_masking(x, mask_ratio, noise)",
      "        mask = None\n"
      "        if mask_ratio > 0:\n"
-     "            x, mask, _ = random_masking(x, mask_ratio, generator)\n"
+     "            x, mask, _ = random_masking(x, mask_ratio, noise)\n"
      "        x = x + self.pos_embed[:, 1:1 + x.shape[1]]",
      "adds the positions after masking: the k-th kept token gets patch k's position"),
     ("flip", 'python -m pytest tests/test_flip.py -k "vision_tower"',
@@ -841,6 +849,10 @@ WRONG += [
      "return x.mean(dim=1), mask",
      "return x[:, 1:].mean(dim=1), mask",
      "pools the patch tokens only, leaving the cls token out of the official mean"),
+    ("flip", 'python -m pytest tests/test_flip.py -k "vision_tower"',
+     "            x, mask, _ = random_masking(x, mask_ratio, noise)  # step 3",
+     "            x, mask, _ = random_masking(x, mask_ratio)  # step 3",
+     "does not hand its noise to random_masking: the caller's noise is ignored"),
     # ---- exercise 3: flip_loss, FLIP.clipped_logit_scale
     ("flip", 'python -m pytest tests/test_flip.py -k "infonce"',
      "return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))",
@@ -877,7 +889,7 @@ WRONG += [
      "text masking without the pad bias: words are dropped while pads are kept"),
     ("flip", 'python -m pytest tests/test_flip.py -k "text_tower"',
      "            x = x[mask == 0].reshape(len(x), -1, x.shape[-1])  # (B, T_keep, W), in caption order",
-     "            x = random_masking(x, mask_ratio, generator, bias=(tokens == 0).float())[0]",
+     "            x = random_masking(x, mask_ratio, noise, bias=(tokens == 0).float())[0]",
      "keeps the text tokens in the shuffled (noise) order: the pooled first token is a random word"),
 ]
 
