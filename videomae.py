@@ -376,11 +376,13 @@ class MaskedAutoencoderViT(nn.Module):
         return x.reshape(N, c, t * u, h * p, w * p)                 # (N, 3, T, H, W)
 
     # ---- encoder ------------------------------------------------------------------------------------
-    def forward_encoder(self, videos, mask_ratio, mask_type=None):
+    def forward_encoder(self, videos, mask_ratio, noise=None, mask_type=None):
+        """noise: the masking draw, as random_masking's (drawn when None), as mae.py's forward_encoder."""
         x = self.patch_embed(videos)                                # (N, T', S, D)
         N, T, S, D = x.shape
         x = x.reshape(N, T * S, D)                                  # (N, L, D), token index t*S + s
-        x, mask, ids_restore, ids_keep = random_masking(x, mask_ratio, mask_type=mask_type or self.mask_type, t_size=T)
+        x, mask, ids_restore, ids_keep = random_masking(x, mask_ratio, noise, mask_type=mask_type or self.mask_type,
+                                                       t_size=T)
         # positions added after masking: gather the table at the kept indices (= adding it before)
         pos = separable_pos_embed(self.pos_embed_spatial, self.pos_embed_temporal)    # step 3: (1, L, D)
         pos = torch.gather(pos.expand(N, -1, -1), 1, ids_keep.unsqueeze(-1).expand(-1, -1, D))  # (N, len_keep, D)
@@ -410,11 +412,11 @@ class MaskedAutoencoderViT(nn.Module):
 
     def forward_features(self, videos):
         """Frozen-encoder clip feature for probing: mean of the encoder's tokens with no mask."""
-        x, _, _ = self.forward_encoder(videos, 0.0, "random")       # (N, L, D)
+        x, _, _ = self.forward_encoder(videos, 0.0, mask_type="random")  # (N, L, D)
         return x.mean(dim=1)                                        # (N, D)
 
-    def forward(self, videos, mask_ratio=0.9):
-        latent, mask, ids_restore = self.forward_encoder(videos, mask_ratio)
+    def forward(self, videos, mask_ratio=0.9, noise=None):
+        latent, mask, ids_restore = self.forward_encoder(videos, mask_ratio, noise)
         pred = self.forward_decoder(latent, ids_restore)            # (N, L, u p^2 3)
         loss = forward_loss(self, videos, pred, mask)
         return loss, pred, mask

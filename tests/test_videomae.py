@@ -258,6 +258,23 @@ def test_masking_uses_the_given_noise(mask_type, L, T, ratio):
         assert a.shape == b.shape and torch.equal(a.to(b.dtype), b), name
 
 
+@pytest.mark.parametrize("mask_type", ["random", "tube"])
+def test_model_forward_masking_uses_the_given_noise(mask_type):
+    """model(videos, mask_ratio, noise) hands the noise to random_masking (as mae.py's forward):
+    the mask is random_masking's on that noise, whatever the global generator holds."""
+    torch.manual_seed(0)
+    m = small(mask_type=mask_type).eval()
+    videos = torch.randn(2, 3, 8, 32, 32)
+    T, S = 4, 16                                                # tiny: 2x8x8 cubes of an 8x32x32 clip
+    noise = torch.rand(2, T * S if mask_type == "random" else S, generator=torch.Generator().manual_seed(5))
+    _, want, _, _ = V.random_masking(torch.zeros(2, T * S, 1), 0.75, noise, mask_type=mask_type, t_size=T)
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            _, _, mask = m(videos, 0.75, noise)
+        assert torch.equal(mask, want)
+
+
 def test_masking_tube_leaves_nothing_to_copy_from_other_frames():
     """Why tubes are harder (explore exercise): with random spacetime masking a removed token's
     spatial position is often visible in another time slice (1 - r^(T'-1) of them: 0.52 for the

@@ -141,7 +141,7 @@ EXERCISES += [
     ("mae", ["drop_path"], _D),
 ]
 
-# ============================================================ videomae.py: 18 wrong answers, 4 exercises
+# ============================================================ videomae.py: 19 wrong answers, 4 exercises
 T = 'python -m pytest tests/test_videomae.py -k "tokens"'
 M = 'python -m pytest tests/test_videomae.py -k "masking"'
 P = 'python -m pytest tests/test_videomae.py -k "pos_embed"'
@@ -191,6 +191,10 @@ WRONG += [
      "        noise = torch.rand(N, S, device=x.device) if noise is None else noise",
      "        noise = torch.rand(N, S, device=x.device)",
      "tube masking ignores the noise it is given"),
+    ("videomae", M,
+     "random_masking(x, mask_ratio, noise, mask_type=mask_type or self.mask_type,",
+     "random_masking(x, mask_ratio, None, mask_type=mask_type or self.mask_type,",
+     "forward_encoder does not hand its noise to random_masking: the caller's noise is ignored"),
     # --- exercise 3: separable positions
     ("videomae", P,
      "    return spatial.repeat(1, T, 1) + torch.repeat_interleave(temporal, S, dim=1)",
