@@ -448,7 +448,8 @@ def test_sincos_table_is_maes():
         assert ours.dtype == torch.float32 and torch.equal(ours[0], torch.zeros(D))
         torch.testing.assert_close(ours, mae.get_2d_sincos_pos_embed(D, g, cls_token=True), atol=1e-5, rtol=0)
     model = tome.create_model("tiny")
-    assert torch.equal(model.pos_embed[0], tome.get_2d_sincos_pos_embed(96, 8, cls_token=True))
+    D = tome.PRESETS["tiny"]["embed_dim"]
+    assert torch.equal(model.pos_embed[0], tome.get_2d_sincos_pos_embed(D, 8, cls_token=True))
 
 
 def test_command_line_rejects_a_negative_r(tmp_path, capsys):
