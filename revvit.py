@@ -116,7 +116,7 @@ Exercises (set one by blanking the function's body; the command grades it):
    loss_last in metrics.json. You should see the gradient test fail: reversible and vanilla
    gradients now differ by 3.1 (relative norm, drop path 0.5, depth 4) instead of < 1e-12, and the
    one-block test's rebuilt X1, X2 are wrong; training no longer follows vanilla backprop, quietly
-   (measured, 2 epochs: loss_last 1.8017 for both reversible and --vanilla_bp with the replay,
+   (measured with OMP_NUM_THREADS=1, 2 epochs: loss_last 1.8017 for both reversible and --vanilla_bp with the replay,
    1.7869 without it; accuracy 0.238 -> 0.260): nothing crashes, which is why a test must say so.
    Grade: `python -m pytest tests/test_revvit.py -k "seed_replay"`
 """
