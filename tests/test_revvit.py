@@ -1,6 +1,7 @@
 """Tests for revvit.py: the reversible backward pass must give plain autograd's gradients while
 storing activations that do not grow with depth."""
 import math
+import types
 
 import pytest
 import torch
@@ -433,3 +434,17 @@ def test_official_style_checkpoint_loads_and_replaces_a_foreign_head(tmp_path):
 
 def test_smoke(tmp_path):
     R.main(["--smoke", "--out", str(tmp_path)])  # raises SystemExit(1) if the loss does not fall
+
+
+def test_training_loss_uses_the_runs_label_smoothing():
+    """make_loss_fn(args) (what C.fit gets) is cross-entropy with --smoothing: 0.1 by default, and the
+    plain cross-entropy (loss_fn's default, used by smoke and bench) is another number."""
+    torch.manual_seed(0)
+    model = R.create_model("tiny").eval()
+    batch = (torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 5]))
+    logits = model(batch[0])
+    args = types.SimpleNamespace(smoothing=0.1)  # the default of --smoothing
+    want = torch.nn.functional.cross_entropy(logits, batch[1], label_smoothing=0.1)
+    got = R.make_loss_fn(args)(model, batch)
+    assert torch.allclose(got, want, atol=1e-6)
+    assert not torch.allclose(got, R.loss_fn(model, batch), atol=1e-4)
