@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import flip  # noqa: E402
@@ -76,17 +77,20 @@ def ref_random_masking(x, mask_ratio, noise=None, *, bias=None):
 
 
 def ref_patch_tokens(tower, imgs):
-    """(B, L, D): patch j is the p x p square at row j // w, column j % w, embedded by an explicit
+    """(B, L, D): patch j is the p x p square at row j // w, column j % w (for a k x k kernel,
+    k > p, the k x k window centred on it, zero-padded at the border), embedded by an explicit
     dot product with the conv kernel, plus ITS OWN position (row 1 + j of the table)."""
     p, w = tower.patch_size, tower.grid
-    W, bias = tower.patch_embed.proj.weight, tower.patch_embed.proj.bias  # (D, 3, p, p), (D,)
+    W, bias = tower.patch_embed.proj.weight, tower.patch_embed.proj.bias  # (D, 3, k, k), (D,)
+    k = W.shape[-1]
+    padded = F.pad(imgs, [(k - p) // 2] * 4)  # (B, 3, H + k - p, W + k - p)
     out = []
     for b in range(len(imgs)):
         tokens = []
         for j in range(w * w):
             r, c = divmod(j, w)
-            square = imgs[b, :, r * p:(r + 1) * p, c * p:(c + 1) * p]  # (3, p, p)
-            tokens.append((W * square).sum((1, 2, 3)) + bias + tower.pos_embed[0, 1 + j])
+            window = padded[b, :, r * p:r * p + k, c * p:c * p + k]  # (3, k, k)
+            tokens.append((W * window).sum((1, 2, 3)) + bias + tower.pos_embed[0, 1 + j])
         out.append(torch.stack(tokens))
     return torch.stack(out)
 
@@ -512,7 +516,7 @@ def test_ddp_global_batch_loss_equals_one_process_with_the_whole_batch(tmp_path)
 
 
 def test_official_parameter_tree_converts_with_jax_semantics():
-    model = small_model()
+    model = small_model(patch_kernel=None)  # the official p x p patch conv (tiny's windows overlap)
     D, W, p = 32, 32, 4
     rng = np.random.default_rng(0)
     shapes = {"img_encoder/embedding/kernel": (p, p, 3, D), "img_encoder/embedding/bias": (D,),

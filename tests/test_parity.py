@@ -95,7 +95,7 @@ def test_tome_parity(kind):
     import tome
     fx = load("tome")[kind]
     assert (fx["logits"] - fx["logits_r0"]).abs().max() > 100 * ATOL  # the fixture does merge
-    model = tome.create_model("tiny", **fx["config"]).eval()
+    model = tome.create_model("tiny", **fx["config"], patch_kernel=None).eval()  # official: no overlap
     strict_load(model, fx["state_dict"])
     with torch.no_grad():
         close(model(fx["images"], r=0), fx["logits_r0"], "logits at r = 0")
@@ -186,7 +186,7 @@ def test_revvit_parity():
     (SlowFast's head applies softmax at eval; ours returns logits)."""
     import revvit
     fx = load("revvit")
-    model = revvit.create_model("tiny", **fx["config"])
+    model = revvit.create_model("tiny", **fx["config"], patch_kernel=None)  # SlowFast ViT: no overlap
     strict_load(model, fx["state_dict"])
     model.eval()
     with torch.no_grad():
@@ -258,7 +258,7 @@ def flip_model(fx):
     flip.from_flax, so that the conversion is pinned with the model. from_flax leaves out the
     image position table (fixed sin-cos, regenerated): ours must equal the official one."""
     import flip
-    model = flip.create_model("tiny", **fx["config"])
+    model = flip.create_model("tiny", **fx["config"], patch_kernel=None)  # official: no overlap
     sd = flip.from_flax({k: v.numpy() for k, v in fx["params"].items()}, "flip.pt")
     table = model.visual.pos_embed.detach().clone()
     close(table, fx["params"]["img_encoder/posembed_encoder/pos_embedding"], "sin-cos positions")
