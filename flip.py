@@ -26,22 +26,22 @@ the paper's Table 1a claim: time per sample (and FLOPs) at mask 0, 0.5 and 0.75.
 further knobs are flags: `--unmasked_tune_epochs` (the final unmasked phase) and
 `--txt_mask_ratio` (its text-masking ablation).
 
-What to expect from the default run (tiny, 18 epochs of 2000 pairs, batch 64, lr 1.5e-3, mask
-0.5, context 8; its figures are in the README's table): zero-shot shape accuracy well above
-chance, about two thirds, and retrieval recall@1 between 0.5 and 0.6 both ways. Why this recipe:
-the zero-shot task asks the image tower for the shape's kind, and the tiny ViT with plain 4x4
-patches learned it slowly (0.43 after the same 18 epochs at lr 1e-3; with the whole caption,
-context 32, 0.31 after 30). Its patch embedding now reads overlapping 8x8 windows at stride 4
-("Size" below): 0.58 at lr 1e-3 (R@1 0.58 / 0.63); lr 1.5e-3 0.67 (the default; R@1 0.55 /
-0.61); lr 2e-3 0.71 but R@1 0.27 / 0.27 (one CPU thread); batch 32 0.59 (one thread). The shape
-words are learned last: within a batch of 64 pairs the colours and places already tell most
-captions apart, and the contrastive task asks only for what the negatives force; cutting the
+What to expect from the default run (tiny, 18 epochs of 2000 pairs, batch 64, lr 1.5e-3, mask 0.5,
+context 8; its figures are in the README's table): zero-shot shape accuracy well above chance,
+about two thirds, and retrieval recall@1 between 0.5 and 0.6 both ways. Why this recipe: the
+zero-shot task asks the image tower for the shape's kind, and the tiny ViT with plain 4x4 patches
+learned it slowly (0.43 after the same 18 epochs at lr 1e-3; with the whole caption, context 32,
+0.31 after 30). Its patch embedding now reads overlapping 8x8 windows at stride 4 ("Size" below):
+0.58 at lr 1e-3 (R@1 0.58 / 0.63); lr 1.5e-3 0.67 (the default; R@1 0.55 / 0.61; --seed 1: 0.71,
+R@1 0.50 / 0.59); lr 2e-3 0.71 but R@1 0.27 / 0.27 (one CPU thread); batch 32 0.59 (one thread).
+The shape words are learned last: within a batch of 64 pairs the colours and places already tell
+most captions apart, and the contrastive task asks only for what the negatives force; cutting the
 caption to the main shape's words (see "Text length") makes the shape word needed sooner. Tried
-with the plain patches (the same steps or time, zero-shot): a batch of 256 (lr 2e-3) learned
-the shapes more slowly at equal epochs (0.25 vs 0.34 after 8 of 20 epochs): a quarter of the
-steps; 6000 training pairs for 6 epochs 0.46 (so it is not over-fitting 2000 pairs); lr 2e-3
-0.42 (retrieval R@1 halves); towers 64 wide (3.5x the samples/s) for 30 epochs 0.42; context 4
-("a large red circle": the place cut too) 0.40.
+with the plain patches (the same steps or time, zero-shot): a batch of 256 (lr 2e-3) learned the
+shapes more slowly at equal epochs (0.25 vs 0.34 after 8 of 20 epochs): a quarter of the steps;
+6000 training pairs for 6 epochs 0.46 (so it is not over-fitting 2000 pairs); lr 2e-3 0.42
+(retrieval R@1 halves); towers 64 wide (3.5x the samples/s) for 30 epochs 0.42; context 4 ("a large
+red circle": the place cut too) 0.40.
 
     python flip.py                      # train tiny on synthetic captions, zero-shot + retrieval
     python flip.py --data DIR           # DIR/**/NAME.jpg with NAME.txt captions beside them
