@@ -75,18 +75,18 @@ Departures from the official code (SlowFast), and why:
   epoch, no gradient clipping (official: 2.0 for Rev-ViT-B; `--clip_grad 2`), no drop path for
   `tiny` (official 0.1 for S, 0.2 for B; a short run is what limits the tiny model: 16 epochs
   with drop path 0.1 and 24 without had the same train loss at epoch 7).
-- The tiny patch embedding reads overlapping 8x8 windows at stride 4 (`patch_kernel=8`, padding
-  2; SlowFast's PATCH_KERNEL / PATCH_STRIDE / PATCH_PADDING, which its MViT configs set to 7 / 4 / 3):
-  still one token per 4x4 patch. With the plain 4x4 conv the tiny model sat near chance for
-  epochs and its end followed from when it left (held-out accuracy after 6 epochs on one CPU
-  thread, --seed 1 / --seed 2: 0.48 / 0.44 with plain patches, 0.77 / 0.81 overlapping; the
-  default with --seed 1 on 2 threads: 0.892, --vanilla_bp 0.888; old
-  default of 20 epochs with plain patches 0.776, --vanilla_bp 0.826: the two runs part by
-  rounding and the recipe amplified it). Tried before that, with plain patches (1 thread):
-  batch 32 18 epochs 0.70, batch 16 20 epochs 0.788 (over-fits, hence the smoothing), 4 heads
-  instead of 2, lr 2e-3 with betas (0.9, 0.95) (near chance for 6 epochs), patch 8 at width 128
-  (0.51 after 115 s), lr 5e-4, 40 px images. MAE's xavier init on top of the overlap learns
-  faster still (0.94 / 0.96 after 6 epochs) but departs from SlowFast's init below; not taken.
+- The tiny patch embedding reads overlapping 8x8 windows at stride 4 (`patch_kernel=8`, padding 2;
+  SlowFast's PATCH_KERNEL / PATCH_STRIDE / PATCH_PADDING, which its MViT configs set to 7 / 4 / 3):
+  still one token per 4x4 patch. With the plain 4x4 conv the tiny model sat near chance for epochs
+  and its end followed from when it left (held-out accuracy after 6 epochs on one CPU thread, --seed
+  1 / --seed 2: 0.48 / 0.44 with plain patches, 0.77 / 0.81 overlapping; the default with --seed 1
+  on 2 threads: 0.892, --vanilla_bp 0.888; old default of 20 epochs with plain patches 0.776,
+  --vanilla_bp 0.826: the two runs part by rounding and the recipe amplified it). Tried before that,
+  with plain patches (1 thread): batch 32 18 epochs 0.70, batch 16 20 epochs 0.788 (over-fits, hence
+  the smoothing), 4 heads instead of 2, lr 2e-3 with betas (0.9, 0.95) (near chance for 6 epochs),
+  patch 8 at width 128 (0.51 after 115 s), lr 5e-4, 40 px images. MAE's xavier init on top of the
+  overlap learns faster still (0.94 / 0.96 after 6 epochs) but departs from SlowFast's init below;
+  not taken.
 - pos_embed is not interpolated to other input sizes: the model is built for --input_size.
 - Rev-MViT (non-reversible stage-transition blocks, stream fusion) is not included: Rev-ViT only.
 - The `tiny` preset is ours (32x32 images, patch 4 with 8x8 windows, width 64, depth 4, 2 heads); `small` and `base` are

@@ -104,7 +104,7 @@ Exercises (set one by blanking the function's body; the command grades it):
    tome.py --weights runs/k/checkpoint.pt --r_eval 0,8,10,12,16 --out runs/x`; compare the sweeps.
    You should see the tokens win at this size (the default run's weights, 500 held-out images:
    K 0.962 / 0.944 / 0.924 / 0.804 and X 0.976 / 0.970 / 0.966 / 0.838 at r = 8 / 10 / 12 / 16,
-   0.980 for both at r = 0): 1.5 to 4 points the other way round from the paper's ablation,
+   0.980 for both at r = 0): 1.4 to 4.2 points the other way round from the paper's ablation,
    which is on an ImageNet ViT-L; this tiny model has 2 heads of 32 channels, whose mean key may
    be a poorer summary of a token than that of 16 heads of 64. The
    test that guards the choice (the model's matching reads this block's keys):
