@@ -90,8 +90,9 @@ Departures from the official code, and why:
   ToMe-trained MAE ViT-B r16 / L r8 / H r7 are released). Why: off the shelf, the first r that
   reaches 1.5x images/s costs this tiny model more than 2 points (the `--r 0` weights, 2 threads:
   r = 8 -1.8 at 1.39x, r = 10 -3.6 at 1.60x; --seed 1 r = 10 -1.4 at 1.64x), while trained with
-  r = 10 it keeps its accuracy: 0.972 at r = 0, r = 8 0.970 (1.36x), r = 10 0.968 (1.50x), r = 12
-  0.962 (1.71x); --seed 1 0.974, r = 8 0.974 (1.50x), r = 10 0.968 (1.64x). The ToMe-trained
+  r = 10 it keeps its accuracy: 0.972 at r = 0, r = 8 0.970, r = 10 0.968, r = 12 0.962 (timed
+  from a fresh clone 1.80x / 1.93x / 2.18x; another timing of the same weights 1.36x / 1.50x /
+  1.71x: CPU speed-ups drift between runs); --seed 1 0.974, r = 8 0.974 (1.50x), r = 10 0.968. The ToMe-trained
   model at r = 0 is 0.8 points below the plain one (0.980); training itself is only 1.09x faster
   (72.7 s vs 79.4 s: at width 64 the merging's gathers are a large share of a step).
 - Position embeddings are not interpolated: a checkpoint must match --input_size.
