@@ -4,7 +4,7 @@ Sections: command line and run set-up / the synthetic "shapes" world / reading f
 transforms / datasets and loaders / optimisation and the shared training loop / checkpoints /
 evaluation, pictures and benchmarks. Each script imports this module as `C`.
 """
-import argparse, json, math, os, random, shlex, statistics, sys, tempfile, time, weakref
+import argparse, copy, json, math, os, random, shlex, statistics, sys, tempfile, time, weakref
 from contextlib import nullcontext
 from pathlib import Path
 from types import SimpleNamespace
@@ -743,6 +743,20 @@ def caption_data(args, n_train=2000, n_val=500):
     """(train_ds, val_ds, classes) of (image, caption, label): synthetic captions or NAME.jpg + NAME.txt."""
     return image_data(args, n_train, n_val, captions=True)
 
+def eval_view(ds):
+    """ds read as evaluation reads it: the same items without augmentation (train False: centre
+    crop, no flip; one centred clip per video), so that evaluating the training set draws nothing.
+    A Subset keeps its indices; a dataset without a `train` flag is returned as it is."""
+    if isinstance(ds, torch.utils.data.Subset):
+        return torch.utils.data.Subset(eval_view(ds.dataset), ds.indices)
+    if not getattr(ds, "train", False):
+        return ds
+    ds = copy.copy(ds)
+    ds.train = False
+    if hasattr(ds, "repeat"):  # VideoDataset: --repeat_aug clips are for training only
+        ds.repeat = 1
+    return ds
+
 def eval_subset(ds, most):
     """ds itself when it has at most `most` items (0: no bound), else a fixed subsample of `most` items
     (seed 0, in their order): the same items before and after training, on every rank."""
@@ -762,9 +776,11 @@ class Loader(DataLoader):
 
 def make_loader(ds, args, run, train, collate_fn=None, batch_size=None, whole=False):
     """Under torchrun each process gets its share of ds, unless whole=True (evaluation on one rank).
-    Evaluation loaders (train=False) see at most --eval_max items (eval_subset)."""
+    Evaluation loaders (train=False) read ds without augmentation (eval_view: a probe on the
+    training images sees the same features before and after training) and see at most --eval_max
+    items (eval_subset)."""
     bs = batch_size or args.batch_size
-    ds = ds if train else eval_subset(ds, getattr(args, "eval_max", 0))
+    ds = ds if train else eval_subset(eval_view(ds), getattr(args, "eval_max", 0))
     drop = train and len(ds) > bs * run.world_size
     sampler = DistributedSampler(ds, shuffle=train, drop_last=drop) if run.distributed and not whole else None
     return Loader(ds, bs, shuffle=train and sampler is None, sampler=sampler, drop_last=drop,

@@ -148,7 +148,6 @@ Exercises (set one by blanking the function's body; the command grades it):
    count the visible tokens (printed at the start) before comparing.
    Grade: `python -m pytest tests/test_videomae.py -k "tube"`
 """
-import copy
 import math
 
 import torch
@@ -503,7 +502,7 @@ def to_clips(videos):
 EVAL_MASK_SEED = 777         # offset from --seed: the held-out masks, the same for the model at init and trained
 
 
-def evaluate(model, val_ds, feat_train_ds, args, labelled, run):
+def evaluate(model, val_ds, train_ds, args, labelled, run):
     """Held-out reconstruction loss and, on labelled data, a linear probe and kNN on the frozen
     encoder's clip feature (forward_features) at mask 0.
 
@@ -528,7 +527,7 @@ def evaluate(model, val_ds, feat_train_ds, args, labelled, run):
         def feats(x):
             return model.forward_features(to_clips(x))                      # (B, D)
         whole = lambda ds: C.make_loader(ds, args, run, train=False, whole=True)
-        Xtr, ytr = C.extract_features(feats, whole(feat_train_ds), run, shared=True)
+        Xtr, ytr = C.extract_features(feats, whole(train_ds), run, shared=True)   # un-augmented (C.eval_view)
         Xva, yva = C.extract_features(feats, whole(val_ds), run, shared=True)
         if run.is_main:
             out["probe_acc"] = C.linear_probe(Xtr, ytr, Xva, yva)           # seeded: init and trained alike
@@ -733,16 +732,14 @@ def train(args, run):
 
     train_ds, val_ds, classes = C.video_data(args, model.num_frames, args.sampling_rate, args.repeat_aug)
     C.check_enough(train_ds, val_ds, args)                          # too few: one line, before any work
-    feat_train_ds = copy.copy(train_ds)                             # the training videos, as evaluated:
-    feat_train_ds.train, feat_train_ds.repeat = False, 1            # one centred clip, no augmentation
     labelled = len(classes) >= 2
 
-    init = evaluate(model, val_ds, feat_train_ds, args, labelled, run)
+    init = evaluate(model, val_ds, train_ds, args, labelled, run)
     C.log(run, "at init: " + "  ".join(f"{k} {v:.4f}" for k, v in init.items() if v is not None))
     loader = C.make_loader(train_ds, args, run, train=True)
     groups = C.param_groups(model, args.weight_decay)
     model, history = C.fit(model, make_loss_fn(args), loader, args, run, groups=groups, betas=(0.9, 0.95))
-    final = evaluate(model, val_ds, feat_train_ds, args, labelled, run)
+    final = evaluate(model, val_ds, train_ds, args, labelled, run)
     if run.is_main:
         C.log(run, "picture:", save_reconstructions(model, val_ds, args, run))
     figures = {}

@@ -158,6 +158,28 @@ def test_synthetic_video_data_item():
     assert clip.shape == (4, 3, 32, 32) and classes == list(C.DIRECTIONS)
 
 
+def test_evaluation_loader_reads_training_data_without_augmentation():
+    # a probe on the training images must see the same inputs before and after training: an
+    # evaluation loader (train=False) reads a training dataset as the held-out one is read
+    run = SimpleNamespace(distributed=False, world_size=1, device=torch.device("cpu"))
+    args = args_for(None, input_size=32, batch_size=8, eval_max=12)
+    tr, va, _ = C.image_data(args, n_train=24, n_val=4)
+    assert tr.train and not va.train
+    plain = C.ImageDataset(tr.source, tr.labels, 32, train=False)   # the same images, read for evaluation
+    keep = C.eval_subset(plain, 12).indices
+    want = torch.stack([plain[i][0] for i in keep])
+    for _ in range(2):  # twice: nothing drawn (random flips / crops would differ)
+        got = torch.cat([x for x, _ in C.make_loader(tr, args, run, train=False)])
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert tr.train  # the training loader still augments
+    sub = C.make_loader(C.eval_subset(tr, 5), args, run, train=False).dataset   # a Subset keeps its items
+    assert not sub.dataset.train and sub.indices == C.eval_subset(plain, 5).indices
+    vt, _, _ = C.video_data(args_for(None, input_size=32), num_frames=4, repeat_aug=2, n_train=4, n_val=2)
+    clips, _ = next(iter(C.make_loader(vt, args_for(None, input_size=32), run, train=False)))
+    assert clips.shape == (4, 4, 3, 32, 32)  # one centred clip per video, not --repeat_aug of them
+    assert vt.repeat == 2 and vt.train
+
+
 def test_coco_and_captions(tmp_path):
     for k in range(3):
         write_image(tmp_path / f"im{k}.jpg", size=(64, 32), fmt="JPEG")
