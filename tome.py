@@ -17,12 +17,11 @@ r=16 roughly doubles it) at a small accuracy cost, and r = 0 is exactly the plai
 What this file reproduces in miniature: a tiny ViT is trained on the built-in synthetic shapes
 with ToMe on (r = 10 tokens merged per block, PAPER_R for the model, as the paper's ToMe-trained
 MAE models; `--r 0` trains the plain ViT, for the off-the-shelf result), then the same weights are
-evaluated for several r:
-accuracy, images/s and the speed-up over r = 0 per r (metrics.json key `tome`; the r values are
-timed in interleaved rounds on one batch of 256 held-out images, so the ratios are fair on a
-busy machine), and a picture of the merge groups at the last layer (each group painted with its
-mean colour and outlined, like the paper's Figure 4): the background collapses into a few big
-tokens while the shape keeps its own. `--bench` measures the paper's claim at full size: ViT-B/16
+evaluated for several r: accuracy, images/s and the speed-up over r = 0 per r (metrics.json key
+`tome`; the r values are timed in interleaved rounds on one batch of 256 held-out images, so the
+ratios are fair on a busy machine), and a picture of the merge groups at the last layer (each
+group painted with its mean colour and outlined, like the paper's Figure 4): the background
+collapses into a few big tokens while the shape keeps its own. `--bench` measures the paper's claim at full size: ViT-B/16
 with r=16 (and ViT-L/16 with r=8 on a GPU or with --model large), throughput with and without
 ToMe plus the FLOP ratio, counted and from the formula (which gives the paper's GFLOPs: DeiT-S
 4.6 -> 3.4 / 2.7 / 2.3 at r = 8 / 13 / 16).
@@ -92,9 +91,10 @@ Departures from the official code, and why:
   r = 8 -1.8 at 1.39x, r = 10 -3.6 at 1.60x; --seed 1 r = 10 -1.4 at 1.64x), while trained with
   r = 10 it keeps its accuracy: 0.972 at r = 0, r = 8 0.970, r = 10 0.968, r = 12 0.962 (timed
   from a fresh clone 1.80x / 1.93x / 2.18x; another timing of the same weights 1.36x / 1.50x /
-  1.71x: CPU speed-ups drift between runs); --seed 1 0.974, r = 8 0.974 (1.50x), r = 10 0.968. The ToMe-trained
-  model at r = 0 is 0.8 points below the plain one (0.980); training itself is only 1.09x faster
-  (72.7 s vs 79.4 s: at width 64 the merging's gathers are a large share of a step).
+  1.71x: CPU speed-ups drift between runs); --seed 1 0.974, r = 8 0.974 (1.50x), r = 10 0.968.
+  The ToMe-trained model at r = 0 is 0.8 points below the plain one (0.980); training itself is
+  only 1.09x faster (72.7 s vs 79.4 s: at width 64 the merging's gathers are a large share of a
+  step).
 - Position embeddings are not interpolated: a checkpoint must match --input_size.
 - AugReg (timm) weights expect mean = std = 0.5 input normalisation; common.py normalises with
   the ImageNet mean / std (right for DeiT and MAE), so AugReg accuracies come out a bit low.
