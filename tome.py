@@ -21,10 +21,10 @@ evaluated for several r: accuracy, images/s and the speed-up over r = 0 per r (m
 `tome`; the r values are timed in interleaved rounds on one batch of 256 held-out images, so the
 ratios are fair on a busy machine), and a picture of the merge groups at the last layer (each
 group painted with its mean colour and outlined, like the paper's Figure 4): the background
-collapses into a few big tokens while the shape keeps its own. `--bench` measures the paper's claim at full size: ViT-B/16
-with r=16 (and ViT-L/16 with r=8 on a GPU or with --model large), throughput with and without
-ToMe plus the FLOP ratio, counted and from the formula (which gives the paper's GFLOPs: DeiT-S
-4.6 -> 3.4 / 2.7 / 2.3 at r = 8 / 13 / 16).
+collapses into a few big tokens while the shape keeps its own. `--bench` measures the paper's
+claim at full size: ViT-B/16 with r=16 (and ViT-L/16 with r=8 on a GPU or with --model large),
+throughput with and without ToMe plus the FLOP ratio, counted and from the formula (which gives
+the paper's GFLOPs: DeiT-S 4.6 -> 3.4 / 2.7 / 2.3 at r = 8 / 13 / 16).
 
     python tome.py                      # train tiny ViT with ToMe (r = 10), sweep r, picture
     python tome.py --r 0                # the plain ViT trained, then ToMe off the shelf
