@@ -111,9 +111,9 @@ the mean colour's 0.375 for about 600 steps of 32 clips and then falls (0.31 at 
 positions started large (std 1.0, or the sin-cos tables) halve that wait (0.23 at step 400 of 800).
 On the moving clips at mask 0.9 neither gets there: positions at std 1.0 end 800 steps of 32 at
 0.372, 1600 steps of 8 at 0.372 (mean colour 0.379 on those masks), probe 0.32 / 0.22 (0.30 at init).
-With 4000 steps of 8 (about 4 minutes on one thread, positions at std 1.0) the loss does leave it,
-mask 0.9: 0.341, mask 0.75: 0.273 (mean colour 0.379), but the probe stays at 0.28 / 0.295 (0.30 at init):
-the model learns the background first, and the motion is not in its mean token yet.
+With 4000 steps of 8 (about 4 minutes on one thread, positions at std 1.0) the loss does leave
+it, mask 0.9: 0.341, mask 0.75: 0.273 (mean colour 0.379), but the probe stays at 0.28 / 0.295
+(0.30 at init): the model learns the background first; the motion is not in its mean token yet.
 
 Exercises (set one by blanking the function's body; the command grades it):
 1. Re-implement `PatchEmbed.forward` and `MaskedAutoencoderViT.patchify` (Sec. 3 "Patch embedding";
