@@ -188,14 +188,19 @@ def _where(cx, cy, s):
     return f"the {v} {h}".replace("  ", " ").strip() if (v or h) else "the center"
 
 def paint(canvas, kind, colour, cx, cy, r, ss):
-    """Draws a shape, anti-aliased by 2x supersampling; returns its pixel box (x0, y0, x1, y1)."""
+    """Draws a shape, anti-aliased by ss x ss supersampling; returns its pixel box (x0, y0, x1, y1).
+    Every shape lies within r of its centre in x and in y, so only the pixels of that square (and
+    one more on each side) are sampled: outside it the coverage is 0 and the canvas is unchanged."""
     s = canvas.shape[0]
-    yy, xx = (np.mgrid[0:s * ss, 0:s * ss] + 0.5) / ss
+    x0, y0 = max(int(cx - r) - 1, 0), max(int(cy - r) - 1, 0)  # the window, in whole pixels
+    x1, y1 = min(int(cx + r) + 2, s), min(int(cy + r) + 2, s)
+    yy, xx = (np.mgrid[y0 * ss:y1 * ss, x0 * ss:x1 * ss] + 0.5) / ss  # sample points, canvas coordinates
     m = _shape_mask(kind, cx, cy, r, yy, xx)
-    cover = m.reshape(s, ss, s, ss).mean((1, 3))[..., None]  # (s, s, 1) coverage of each pixel
-    canvas[:] = canvas * (1 - cover) + cover * np.array(colour) / 255
+    cover = m.reshape(y1 - y0, ss, x1 - x0, ss).mean((1, 3))[..., None]  # (h, w, 1) coverage of each pixel
+    win = canvas[y0:y1, x0:x1]
+    win[:] = win * (1 - cover) + cover * np.array(colour) / 255
     ys, xs = np.nonzero(m)
-    return [xs.min() / ss, ys.min() / ss, (xs.max() + 1) / ss, (ys.max() + 1) / ss]
+    return [(x0 * ss + xs.min()) / ss, (y0 * ss + ys.min()) / ss, (x0 * ss + xs.max() + 1) / ss, (y0 * ss + ys.max() + 1) / ss]
 
 def shapes_images(n, size=32, seed=0):
     """n images: one main shape (its kind is the label) and 0-2 smaller distractors, with the box of
@@ -822,7 +827,9 @@ def fit(model, loss_fn, loader, args, run, groups=None, betas=(0.9, 0.999), on_e
     """The loop every script shares; loss_fn(wrapped_model, batch_on_device) -> scalar loss.
     Returns (model, history) with history = dict(losses, steps, seconds, epoch)."""
     model.to(run.device)
-    opt = torch.optim.AdamW(groups or param_groups(model, args.weight_decay), lr=args.lr, betas=betas)
+    # foreach: the same update with one op per parameter group, not per tensor (CUDA's default; on a
+    # CPU, where the default is the per-tensor loop, bit-identical and up to ~8% faster a step)
+    opt = torch.optim.AdamW(groups or param_groups(model, args.weight_decay), lr=args.lr, betas=betas, foreach=True)
     scaler = torch.amp.GradScaler(run.device.type, enabled=run.amp_dtype == torch.float16)
     history, ckpt = dict(losses=[], steps=0, seconds=0.0, epoch=0), Path(args.out) / "checkpoint.pt"
     if args.resume:

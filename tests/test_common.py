@@ -64,6 +64,27 @@ def test_shapes_are_deterministic_and_consistent():
     assert len(set(C.shapes_images(300, 32, 0)["labels"].tolist())) == len(C.CLASSES)
 
 
+
+def test_paint_samples_only_the_shapes_square_and_changes_nothing_else():
+    # paint supersamples a window around the shape; the obvious way samples the whole canvas
+    def paint_whole(canvas, kind, colour, cx, cy, r, ss):
+        s = canvas.shape[0]
+        yy, xx = (np.mgrid[0:s * ss, 0:s * ss] + 0.5) / ss
+        m = C._shape_mask(kind, cx, cy, r, yy, xx)
+        cover = m.reshape(s, ss, s, ss).mean((1, 3))[..., None]
+        canvas[:] = canvas * (1 - cover) + cover * np.array(colour) / 255
+        ys, xs = np.nonzero(m)
+        return [xs.min() / ss, ys.min() / ss, (xs.max() + 1) / ss, (ys.max() + 1) / ss]
+
+    rng = np.random.default_rng(0)
+    for kind in C.CLASSES:
+        for cx, cy, r in ((16.3, 15.7, 9.9), (3.2, 28.9, 3.1), (9.99, 10.0, 9.99), (30.5, 1.4, 2.6), (0.5, 0.5, 6.0)):
+            bg = rng.uniform(0, 1, (32, 32, 3))
+            a, b = bg.copy(), bg.copy()
+            box_a = C.paint(a, kind, (200, 40, 90), cx, cy, r, 2)
+            box_b = paint_whole(b, kind, (200, 40, 90), cx, cy, r, 2)
+            assert np.array_equal(a, b) and box_a == box_b, (kind, cx, cy, r)
+
 def test_video_label_is_the_direction_of_motion():
     d = C.shapes_videos(24, frames=8, size=32, seed=0)
     assert d["videos"].shape == (24, 8, 3, 32, 32)
