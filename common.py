@@ -200,7 +200,8 @@ def paint(canvas, kind, colour, cx, cy, r, ss):
     win = canvas[y0:y1, x0:x1]
     win[:] = win * (1 - cover) + cover * np.array(colour) / 255
     ys, xs = np.nonzero(m)
-    return [(x0 * ss + xs.min()) / ss, (y0 * ss + ys.min()) / ss, (x0 * ss + xs.max() + 1) / ss, (y0 * ss + ys.max() + 1) / ss]
+    xs, ys = xs + x0 * ss, ys + y0 * ss  # sample indices in the whole canvas
+    return [xs.min() / ss, ys.min() / ss, (xs.max() + 1) / ss, (ys.max() + 1) / ss]
 
 def shapes_images(n, size=32, seed=0):
     """n images: one main shape (its kind is the label) and 0-2 smaller distractors, with the box of

@@ -88,7 +88,7 @@ Departures from the official implementation, and why:
     each channel alone. Tried (3 epochs of 2000 images unless said; AP): 64 channels, batch 16,
     6 epochs 0.80 but 2.5x the time; 32 channels, batch 16 0.45, at lr 2e-3 0.56; batch 8 0.63
     (2000 images, the default until the same run measured 118-129 s on idle cores; 1800 images,
-    now the default, 0.58 in 108-118 s, at lr 1.5e-3 / 2e-3 0.57 / 0.57; 1600 images 0.51); batch
+    now the default, 0.58 in 105-118 s, at lr 1.5e-3 / 2e-3 0.57 / 0.57; 1600 images 0.51); batch
     8, lr 2e-3, 1600 images 0.56 (clipping at 10 instead of 1: 0.53); width 64 (2 heads) 0.56 in 3/4
     of the time; patch 16 (a 4 x 4 map, the paper's strides 4 ... 64, every shape on the stride-4
     level) 0.42 after 6 epochs.
